@@ -1,0 +1,1 @@
+"""switchyard's demo package."""

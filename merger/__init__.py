@@ -1,0 +1,1 @@
+"""switchyard's merger package."""

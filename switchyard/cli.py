@@ -1,0 +1,63 @@
+"""The `switchyard` command. Each package registers its own subcommands (`<pkg>.cli.register`).
+
+Heavy imports (torch, vllm, transformers) stay inside the commands, so `switchyard --help` is fast.
+Errors: a SwitchyardError becomes one line on stderr and a non-zero exit; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+
+import click
+import typer
+
+from switchyard.errors import SwitchyardError
+
+PACKAGES = ("demo", "merger", "deploy", "gateway", "loadtests")
+
+app = typer.Typer(
+    name="switchyard",
+    help="Serve fine-tuned LLMs as LoRA adapters or merged checkpoints, and switch between them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    """switchyard: merge-or-adapter serving for fine-tuned LLMs."""
+
+
+def build_app() -> typer.Typer:
+    for package in PACKAGES:
+        module = importlib.import_module(f"{package}.cli")
+        module.register(app)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        result = build_app()(args=argv, prog_name="switchyard", standalone_mode=False)
+    except SwitchyardError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
