@@ -10,12 +10,24 @@ import importlib
 import sys
 import traceback
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors click as typer._click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc
 
 from switchyard.errors import SwitchyardError
 
-PACKAGES = ("demo", "merger", "deploy", "gateway", "loadtests")
+# each module has `register(app)`; a package may split its commands over several modules
+COMMAND_MODULES = (
+    "demo.cli",
+    "merger.cli",
+    "merger.quantize_cli",
+    "deploy.cli",
+    "gateway.cli",
+    "loadtests.cli",
+)
 
 app = typer.Typer(
     name="switchyard",
@@ -32,8 +44,8 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
 
 def build_app() -> typer.Typer:
-    for package in PACKAGES:
-        module = importlib.import_module(f"{package}.cli")
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(name)
         module.register(app)
     return app
 
@@ -48,10 +60,15 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print(f"error: {exc.one_line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.ClickException as exc:
+    except typer.Exit as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except click_exc.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(0)
+    except click_exc.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
