@@ -23,6 +23,9 @@ class SwitchyardError(Exception):
         self.problem = problem
         self.hint = hint
 
+    def __str__(self) -> str:
+        return self.one_line()
+
     def one_line(self) -> str:
         return f"{self.problem} ({self.hint})" if self.hint else self.problem
 

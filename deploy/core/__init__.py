@@ -1,0 +1,1 @@
+"""deploy's pure core: the promotion plan and state machine, restart backoff. No I/O here."""

@@ -1,0 +1,54 @@
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deploy.engines import Engine, EngineError, EngineLaunch, build_command, build_env, free_port
+
+
+def test_adapter_mode_command_and_env(tmp_path: Path):
+    launch = EngineLaunch(model=tmp_path, served_name="b", port=1234, enable_lora=True, max_lora_rank=8,
+                          max_loras=2, lora_modules=(("x", tmp_path / "x"),), kv_cache_gib=2,
+                          extra_args=("--seed", "1"))
+    cmd = build_command(launch, python="py")
+    assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8" and cmd[cmd.index("--max-loras") + 1] == "2"
+    assert f"x={tmp_path / 'x'}" in cmd and cmd[-2:] == ["--seed", "1"]
+    env = build_env(launch, {"PATH": "/bin"}, cuda=False)
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in build_env(launch, {}, cuda=True)
+
+
+def test_plain_mode_has_no_lora_flags(tmp_path: Path):
+    cmd = build_command(EngineLaunch(model=tmp_path, served_name="m", port=1))
+    assert "--enable-lora" not in cmd and "--lora-modules" not in cmd
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in build_env(EngineLaunch(tmp_path, "m", 1), {}, cuda=False)
+
+
+def test_folder_without_config_is_refused_before_spawning(tmp_path: Path):
+    with pytest.raises(EngineError, match="no config.json"):
+        Engine(EngineLaunch(model=tmp_path, served_name="m", port=free_port())).spawn()
+
+
+@pytest.mark.slow
+def test_engine_that_dies_raises_with_its_last_log_lines(tmp_path: Path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchArchForCausalLM"],
+                                                      "model_type": "no-such-model"}))
+    engine = Engine(EngineLaunch(model=tmp_path, served_name="m", port=free_port(),
+                                 log_path=tmp_path / "engine.log"))
+    with pytest.raises(EngineError) as err:
+        engine.start(timeout_s=240)
+    assert "exited with code" in err.value.problem
+    assert "no-such-model" in err.value.problem or "NoSuchArch" in err.value.problem
+    assert str(tmp_path / "engine.log") in err.value.hint
+    assert not engine.alive()
+
+
+@pytest.mark.engine
+def test_shared_engine_is_ready_and_stops_cleanly_on_request(base_engine):
+    assert base_engine.alive()
+    r = httpx.get(f"{base_engine.url}/v1/models", timeout=10)
+    names = {m["id"] for m in r.json()["data"]}
+    assert {"demo-base", "demo-reverse", "demo-sort"} <= names
