@@ -196,7 +196,7 @@ def run_quantize(req: dict) -> dict:
         raise WorkerFailure(
             "group_size",
             f"{len(bad)} layer(s) of {arch} have an input width that is not a multiple of the group size "
-            f"{group_size}: {listed}{more}; pass a group size that divides them, or add them to --ignore",
+            f"{group_size}: {listed}{more}",
         )
 
     samples = read_jsonl(req["calibration"])[: int(req["samples"])]
@@ -211,7 +211,7 @@ def run_quantize(req: dict) -> dict:
         raise WorkerFailure(
             "calibration_too_small",
             f"calibration gives {len(rows)} sample(s), {n_tokens} tokens: fewer than the group size "
-            f"{group_size}; pass more --samples, a longer --seq-len or a larger calibration file",
+            f"{group_size}",
         )
     emit("stage", stage="calibrate", message=f"AWQ {req['scheme']} g{group_size} on {arch}: "
          f"{len(rows)} samples, {n_tokens} tokens", samples=len(rows), tokens=n_tokens)

@@ -1,0 +1,86 @@
+"""The `"quantization"` entry of `switchyard.json`, and what quantize reads from the merge's entry.
+
+`switchyard.json` is the provenance file in every output folder. Quantize keeps every key the merged
+model's file has and adds one, `"quantization"`:
+
+    {"method": "awq", "scheme": "W4A16", "group_size": 128, "format": "pack-quantized",
+     "ignore": ["lm_head"], "calibration": {"source": "builtin" | "<path>", "samples": 64,
+     "tokens": 1500, "seq_len": 512}, "libraries": {"llmcompressor": "0.14.0.1", ...},
+     "architecture": "LlamaForCausalLM", "source_model": "<path>", "shards": {"model.safetensors":
+     "<sha256>"}, "report": {...QuantizeReport.to_dict()}, "created_at": "<ISO 8601 UTC>"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from pathlib import Path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every `*.safetensors` shard in `folder`, by file name."""
+    return {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
+def weights_size(folder: Path) -> int:
+    """Bytes of the weight shards (`*.safetensors`), the part quantization shrinks."""
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _eval_candidates(prov: dict) -> list[object]:
+    """Where a merge's provenance may name the adapter's eval set, most specific first."""
+    adapter = prov.get("adapter") if isinstance(prov.get("adapter"), dict) else {}
+    adapters = prov.get("adapters") if isinstance(prov.get("adapters"), list) else []
+    first = adapters[0] if len(adapters) == 1 and isinstance(adapters[0], dict) else {}
+    return [adapter.get("eval"), adapter.get("eval_set"), first.get("eval"), prov.get("eval"),
+            prov.get("eval_set")]
+
+
+def eval_set_from_provenance(prov: dict | None, model: Path) -> Path | None:
+    """The adapter's eval JSONL named by a merge's `switchyard.json`, if it names one that exists.
+
+    Relative paths are taken relative to the model folder, then as given (cwd)."""
+    if not prov:
+        return None
+    for value in _eval_candidates(prov):
+        if isinstance(value, dict):
+            value = value.get("path")
+        if not isinstance(value, str) or not value:
+            continue
+        for path in (model / value, Path(value)):
+            if path.is_file():
+                return path.resolve()
+    return None
+
+
+def quantization_record(options, source_model: Path, calibration_source: str, quantize_result: dict,
+                        report: dict, shards: dict[str, str], now: datetime) -> dict:
+    """The `"quantization"` value (see the module docstring); `options` is a QuantizeOptions."""
+    return {
+        "method": options.method,
+        "scheme": options.scheme,
+        "group_size": options.group_size,
+        "format": "pack-quantized",
+        "ignore": list(options.ignore),
+        "calibration": {
+            "source": calibration_source,
+            "samples": quantize_result["samples"],
+            "tokens": quantize_result["tokens"],
+            "seq_len": options.seq_len,
+        },
+        "awq_grid": options.n_grid,
+        "architecture": quantize_result.get("architecture"),
+        "source_model": str(source_model),
+        "libraries": quantize_result.get("libraries", {}),
+        "shards": shards,
+        "report": report,
+        "created_at": now.isoformat(),
+    }
