@@ -149,7 +149,8 @@ class StreamingClient:
                               "pass the root of an OpenAI-compatible server") from None
 
 
-async def preflight(client: StreamingClient, targets: Sequence[Target], *, seed: int = 0) -> dict[str, float]:
+async def preflight(client: StreamingClient, targets: Sequence[Target], *, seed: int = 0,
+                    probe_timeout_s: float = 60.0) -> dict[str, float]:
     """Check every target before the run: its model is listed and it generates one token.
 
     Returns each target's prompt tokens per synthetic word (for sizing `--input-len` prompts).
@@ -165,8 +166,13 @@ async def preflight(client: StreamingClient, targets: Sequence[Target], *, seed:
     ratios = {}
     probe = synthetic_prompts(1, PROBE_WORDS, seed)[0]
     for t in targets:
-        rec = await client.send(t, probe, max_tokens=1, ignore_eos=True, level="preflight",
-                                batch=-1, index=0, warmup=True)
+        try:
+            async with asyncio.timeout(probe_timeout_s):
+                rec = await client.send(t, probe, max_tokens=1, ignore_eos=True, level="preflight",
+                                        batch=-1, index=0, warmup=True)
+        except TimeoutError:
+            raise TargetError(f"{t.model!r} at {t.url} did not generate 1 token within {probe_timeout_s:g} s",
+                              "is the engine overloaded or still starting?") from None
         if not rec.success:
             raise TargetError(f"a 1-token test request to {t.model!r} at {t.url} failed: {rec.error}",
                               "check that the model generates, e.g. with curl")
