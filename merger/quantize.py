@@ -28,7 +28,7 @@ from merger.calibration import (
     parse_eval_items,
     write_jsonl,
 )
-from merger.quant_process import ProgressFn, QuantizeError, run_worker
+from merger.quant_process import ProgressFn, QuantizeError, quant_python, run_worker
 from merger.quant_provenance import (
     eval_set_from_provenance,
     quantization_record,
@@ -227,7 +227,7 @@ def quantize(model: Path, out: Path | None = None, options: QuantizeOptions = Qu
 
     Raises QuantizeError for bad input (before any work) and for a failed subprocess (one line + log)."""
     check_options(options)
-    options = replace(options, scheme=options.scheme.upper())
+    options = replace(options, scheme=options.scheme.upper(), quant_python=quant_python(options.quant_python))
     model = Path(model).resolve()
     out = Path(out).resolve() if out is not None else default_out(model, options)
     provenance = _read_json(model / "switchyard.json")
