@@ -1,0 +1,61 @@
+"""Fast fixtures: a canned upstream (fixed SSE chunks) and gateways served by uvicorn in a thread.
+The canned upstream only isolates the proxy; the engine tests (test_engine.py) use real vLLM."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from deploy.engines import free_port
+from gateway.app import create_app
+from gateway.canned import CannedUpstream, ServerThread
+from gateway.core.routing import Route
+from gateway.service import Gateway
+from gateway.settings import load_settings
+
+CLIENT_KEY, ADMIN_KEY = "client-key-1", "admin-key-1"
+
+
+@pytest.fixture(scope="module")
+def canned() -> CannedUpstream:
+    up = CannedUpstream()
+    with ServerThread(up, free_port(), log_level="critical") as server:
+        up.url = server.url
+        yield up
+
+
+@pytest.fixture()
+def fresh_canned(canned: CannedUpstream) -> CannedUpstream:
+    canned.records.clear()
+    canned.aborted = canned.completed = 0
+    canned.loaded.clear()
+    return canned
+
+
+@contextmanager
+def serve_gateway(upstream_url: str, routes=None, base_model: Path | None = None, **settings):
+    """A gateway in a thread with one upstream "base" and the given routes (default: stable -> lora-x)."""
+    base = dict(api_keys=CLIENT_KEY, admin_key=ADMIN_KEY, health_interval_s=0.5, down_probe_interval_s=0.2,
+                probe_timeout_s=2, retry_backoff_s=0.01, stream_idle_timeout_s=5, read_timeout_s=5)
+    base.update(settings)
+    s = load_settings(**base)
+    gw = Gateway(s)
+    gw.add_upstream("base", upstream_url, probe_model="canned-base", max_lora_rank=8,
+                    base_model=base_model)
+    for r in routes or [Route("stable", "base", "lora-x", "adapter"), Route("canned-base", "base", "canned-base", "base")]:
+        gw.set_route(r)
+    with ServerThread(create_app(s, gw), free_port()) as server:
+        server.gateway = gw
+        yield server
+
+
+@pytest.fixture()
+def gateway_url(fresh_canned):
+    with serve_gateway(fresh_canned.url) as server:
+        yield server
+
+
+def auth(key: str = CLIENT_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
