@@ -1,0 +1,219 @@
+"""`merge(base, adapters, out, options)`: the merger's Python API (the CLI and the promote pipeline).
+
+Everything is checked and planned before a byte is written; the output is written to a temporary
+folder beside `out` and renamed into place only when complete, so a failure (bad input, NaN, disk
+full, Ctrl-C) leaves `out` as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from merger.core.combine import METHODS
+from merger.core.plan import PlanOptions, build_plan
+from merger.errors import InputError, OutputError, UnsupportedAdapterError
+from merger.io.adapter import load_adapter
+from merger.io.checkpoint import Checkpoint
+from merger.io.writer import StreamingShardWriter, index_json, parse_size, plan_shards, OutTensor
+from merger import provenance
+
+_SKIP = {"model.safetensors.index.json", "README.md", "switchyard.json"}
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    dtype: str = "auto"
+    combine: str = "sequential"
+    weights: Optional[tuple[float, ...]] = None
+    density: float = 0.5
+    seed: int = 0
+    qlora_base: str = "original"
+    shard_size: str = "2GB"
+    device: str = "cpu"
+    precise: bool = False  # deltas in float64 instead of float32
+    force: bool = False
+    allow_pickle: bool = False
+    workers: int = 2
+
+    def check(self, n_adapters: int) -> None:
+        if self.dtype not in _DTYPES:
+            raise InputError(f"--dtype {self.dtype} is not one of {', '.join(_DTYPES)}", "pick one of them")
+        if self.combine not in METHODS:
+            raise InputError(f"--combine {self.combine} is not one of {', '.join(METHODS)}", "pick one of them")
+        if self.qlora_base not in ("original", "nf4"):
+            raise InputError(f"--qlora-base {self.qlora_base} is not original or nf4", "pick one of them")
+        if self.weights is not None and len(self.weights) != n_adapters:
+            raise InputError(f"--weights has {len(self.weights)} values for {n_adapters} adapters",
+                             "give one weight per adapter, e.g. --weights 0.7,0.3")
+        if not 0 < self.density <= 1:
+            raise InputError(f"--density {self.density} is outside (0, 1]", "use e.g. --density 0.5")
+        if self.device not in ("cpu", "cuda"):
+            raise InputError(f"--device {self.device} is not cpu or cuda", "pick one of them")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out: Path
+    provenance: dict
+    rounding: dict
+    tensors_merged: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def default_out_name(base: Path, adapter_name: str, adapter_sha: str, dtype: str) -> str:
+    return f"merged-{base.name}-{adapter_name}-{adapter_sha[:8]}-{dtype}"
+
+
+def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeOptions = MergeOptions(),
+          progress: Optional[Callable[[str, int, int], None]] = None) -> MergeResult:
+    """Merge `adapters` into `base`, writing a standard checkpoint to `out` (None: the default name
+    beside the base). `progress(name, done_bytes, total_bytes)` is called after each tensor."""
+    import torch
+
+    start, t0 = datetime.now(timezone.utc), time.perf_counter()
+    base = Path(base)
+    if not adapters:
+        raise InputError("no adapter given", "pass at least one PEFT adapter folder")
+    options.check(len(adapters))
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda but torch sees no CUDA GPU", "use --device cpu")
+    ckpt = Checkpoint.open(base)
+    loaded = [load_adapter(Path(a), options.allow_pickle) for a in adapters]
+    names = [l.parsed.name for l in loaded]
+    if len(set(names)) != len(names):  # names key the plan's steps and the provenance
+        loaded = [type(l)(l.path, l.weights_file, l.sha256, l.raw_config,
+                          type(l.parsed)(f"{i}-{l.parsed.name}", l.parsed.config, l.parsed.modules,
+                                         l.parsed.replacements, l.parsed.token_rows))
+                  for i, l in enumerate(loaded)]
+    if out is None:
+        label = options.dtype if options.dtype != "auto" else "auto"
+        out = base.parent / default_out_name(base, loaded[0].parsed.name, loaded[0].sha256, label)
+    out = Path(out)
+    if out.exists() and not options.force:
+        raise OutputError(f"output folder {out} already exists", "pass --force to replace it, or choose another --out")
+    config_path = base / "config.json"
+    base_config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    plan = build_plan(ckpt.tensors, base_config, [l.parsed for l in loaded],
+                      PlanOptions(options.dtype, options.combine, options.weights, options.density,
+                                  options.seed, options.qlora_base))
+    shards = plan_shards([OutTensor(t.name, t.out_dtype, t.shape) for t in plan.tasks], parse_size(options.shard_size))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        cached = provenance.cached_hashes([s.path for s in ckpt.shards])
+        commit = provenance.hub_commit(base)
+        writer = StreamingShardWriter(tmp, shards)
+        total = sum(ckpt.tensors[t.source].nbytes for t in plan.tasks)
+        done = [0]
+
+        def on_tensor(task, nbytes):
+            done[0] += nbytes
+            if progress:
+                progress(task.name, done[0], total)
+
+        from merger.executor import execute
+
+        compute = torch.float64 if options.precise else torch.float32
+        result = execute(ckpt, plan, writer, compute=compute, device=options.device, workers=options.workers,
+                         hash_base=commit is None and len(cached) < len(ckpt.shards), on_tensor=on_tensor)
+        base_hashes = dict(cached)
+        fresh = {s.path: result.base_sha256[s.path.name] for s in ckpt.shards
+                 if s.path.name in result.base_sha256 and s.path.name not in cached}
+        base_hashes.update({p.name: h for p, h in fresh.items()})
+        if commit is None:
+            from merger.io.adapter import sha256_file
+
+            for s in ckpt.shards:  # shards whose bytes did not stream contiguously
+                if s.path.name not in base_hashes:
+                    base_hashes[s.path.name] = fresh_hash = sha256_file(s.path)
+                    fresh[s.path] = fresh_hash
+            provenance.remember_hashes(fresh)
+        if len(shards) > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(shards), indent=2))
+        _copy_side_files(base, tmp, base_config, plan, options)
+        rounding = provenance.rounding_summary(result.stats, options.dtype)
+        end = datetime.now(timezone.utc)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        prov = {
+            "schema": provenance.SCHEMA,
+            "base": {"path": str(base.resolve()), "hub_commit": commit,
+                     "shards_sha256": None if commit else base_hashes},
+            "adapters": [{"name": l.parsed.name, "path": str(l.path.resolve()), "weights": l.weights_file.name,
+                          "sha256": l.sha256, "config": l.raw_config} for l in loaded],
+            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.__dict__.items()
+                        if k not in ("force",)},
+            "versions": provenance.library_versions(),
+            "started": start.isoformat(), "finished": end.isoformat(),
+            "output": {"path": str(out.resolve()), "shards_sha256": result.output_sha256,
+                       "bytes": sum(s.size for s in shards), "tie_word_embeddings_changed": plan.untied},
+            "rounding": rounding,
+            "notes": list(plan.notes),
+            "validation": None,
+            "resources": {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak},
+        }
+        (tmp / "switchyard.json").write_text(json.dumps(prov, indent=2))
+        (tmp / "README.md").write_text(provenance.model_card(prov))
+        _rename_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(out, prov, rounding, len(result.stats), result.bytes_written,
+                       time.perf_counter() - t0, peak, plan.notes)
+
+
+def _copy_side_files(base: Path, tmp: Path, base_config: dict, plan, options: MergeOptions) -> None:
+    """Config (tie flag and dtype made true to the output), generation config, tokenizer files."""
+    for f in base.iterdir():
+        if f.is_file() and f.name not in _SKIP and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            shutil.copy2(f, tmp / f.name)
+    if base_config:
+        config = dict(base_config)
+        if plan.tie_word_embeddings is not None:
+            config["tie_word_embeddings"] = plan.tie_word_embeddings
+            if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
+                config["text_config"] = {**config["text_config"], "tie_word_embeddings": plan.tie_word_embeddings}
+        if options.dtype != "auto":
+            for key in ("torch_dtype", "dtype"):
+                if key in config or key == "dtype":
+                    config[key] = options.dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _rename_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError as exc:
+        if old is not None:
+            os.rename(old, out)
+        raise OutputError(f"cannot move the merged model to {out}: {exc.strerror}", "check --out") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def parse_weights(text: Optional[str]) -> Optional[tuple[float, ...]]:
+    if not text:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError as exc:
+        raise InputError(f"--weights {text!r} is not a comma-separated list of numbers",
+                                      "e.g. --weights 0.7,0.3") from exc

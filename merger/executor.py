@@ -1,0 +1,110 @@
+"""Run a merge plan: read each base tensor through the memory map, merge it, stream it to the writer.
+
+Memory bound: at most `depth` tensors are in flight (read, being merged, or waiting to be written),
+each costing about 2.5x its float32 size while merged, plus the adapters. Passthrough tensors are
+copied from the map to the output without conversion, and their pages are dropped once written.
+The base shards' sha256 is computed from the same bytes as they stream past, in file order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from merger.core.plan import MergePlan, TensorTask
+from merger.io.checkpoint import Checkpoint, ShardReader, TensorInfo
+from merger.io.writer import StreamingShardWriter
+
+
+class _StreamHasher:
+    """sha256 of a shard from its tensors' bytes, valid only if they arrive contiguously in order."""
+
+    def __init__(self, reader: ShardReader, data_start: int, size: int) -> None:
+        self.h = hashlib.sha256(reader.header_bytes(data_start))
+        self.pos, self.size, self.ok = data_start, size, True
+
+    def feed(self, info: TensorInfo, data) -> None:
+        if info.begin == self.pos:
+            self.h.update(data)
+            self.pos = info.end
+        elif info.begin > self.pos:
+            self.ok = False  # a gap: hash the file afterwards
+
+    def digest(self) -> Optional[str]:
+        return self.h.hexdigest() if self.ok and self.pos == self.size else None
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    stats: tuple  # TensorStats of every merged tensor
+    base_sha256: dict  # shard file name -> sha256 (only those hashed while streaming)
+    output_sha256: dict
+    bytes_written: int
+
+
+def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, compute, device: str = "cpu",
+            workers: int = 2, depth: int = 3, hash_base: bool = True,
+            on_tensor: Callable[[TensorTask, int], None] = lambda task, nbytes: None) -> ExecutionResult:
+    import torch
+
+    from merger.core.apply import ST_TO_TORCH, run_task
+
+    readers = {s.path: ShardReader(s.path) for s in ckpt.shards}
+    hashers = {s.path: _StreamHasher(readers[s.path], s.data_start, s.size) for s in ckpt.shards} if hash_base else {}
+    stats = []
+    written = 0
+
+    def work(task: TensorTask):
+        info = ckpt.tensors[task.source]
+        view = readers[info.shard].view(info)
+        if task.passthrough and task.src_dtype == task.out_dtype:
+            return view, None  # bytes straight from the map
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frombuffer on a read-only map: we never write to it
+            base = torch.frombuffer(view, dtype=ST_TO_TORCH[task.src_dtype]) if info.nbytes else \
+                torch.empty(0, dtype=ST_TO_TORCH[task.src_dtype])
+        out, st = run_task(task, base.reshape(task.shape), compute=compute, device=device)
+        return out.contiguous().reshape(-1).view(torch.uint8).numpy(), st
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
+            pending: deque = deque()
+            tasks = iter(plan.tasks)
+            for task in tasks:
+                pending.append((task, pool.submit(work, task)))
+                if len(pending) >= depth:
+                    break
+            while pending:
+                task, fut = pending.popleft()
+                data, st = fut.result()
+                info = ckpt.tensors[task.source]
+                writer.write(task.name, data)
+                if hash_base and task.name == task.source:
+                    hashers[info.shard].feed(info, readers[info.shard].view(info))
+                written += info.nbytes
+                if st is not None:
+                    stats.append(st)
+                del data
+                readers[info.shard].release(info.begin, info.end)
+                on_tensor(task, info.nbytes)
+                nxt = next(tasks, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(work, nxt)))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for r in readers.values():
+            r.close()
+    base_sha = {p.name: d for p, h in hashers.items() if (d := h.digest())}
+    return ExecutionResult(tuple(stats), base_sha, dict(writer.sha256), written)
+
+
+def shard_paths(ckpt: Checkpoint) -> list[Path]:
+    return [s.path for s in ckpt.shards]

@@ -1,0 +1,153 @@
+"""Write safetensors shards as their tensors are produced.
+
+Every output tensor's dtype and shape is known before any weight is read, so each shard's header
+(and so every tensor's offset) is computed first (`plan_shards`, pure) and the tensor bytes are then
+appended in order. Memory bound: the writer buffers nothing; it holds only the tensor being written.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from merger.errors import OutputError
+from merger.io.checkpoint import DTYPE_SIZES
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    tensors: tuple[OutTensor, ...]
+    header: bytes  # the 8-byte length prefix + JSON header, padded to 8 bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.nbytes for t in self.tensors)
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2e9 bytes, '500MiB' -> 500 * 2**20; a bare number is bytes."""
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    s = text.strip().upper()
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    return int(s)
+
+
+def _header(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
+    entries: dict = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    body = json.dumps(entries, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(body)) + body
+
+
+def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[ShardPlan]:
+    """Greedy in-order packing; a tensor larger than the limit gets a shard of its own."""
+    groups: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return [ShardPlan(name, tuple(g), _header(g, {"format": "pt"})) for name, g in zip(names, groups)]
+
+
+def index_json(shards: list[ShardPlan]) -> dict:
+    total = sum(t.nbytes for s in shards for t in s.tensors)
+    return {"metadata": {"total_size": total},
+            "weight_map": {t.name: s.filename for s in shards for t in s.tensors}}
+
+
+class StreamingShardWriter:
+    """Appends tensors, in plan order, to the shards of `plans` under `folder`; hashes as it goes."""
+
+    def __init__(self, folder: Path, plans: list[ShardPlan]) -> None:
+        self.folder = folder
+        self.plans = plans
+        self.sha256: dict[str, str] = {}
+        self._queue = [(p, t) for p in plans for t in p.tensors]
+        self._pos = 0
+        self._file = None
+        self._hash = None
+        self._plan: ShardPlan | None = None
+
+    def _open(self, plan: ShardPlan) -> None:
+        self._close_current()
+        self._plan = plan
+        self._file = open(self.folder / plan.filename, "wb", buffering=0)
+        self._hash = hashlib.sha256()
+        self._write(plan.header)
+
+    def _write(self, data) -> None:
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                n = self._file.write(view)
+                view = view[n:]
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise OutputError(f"disk full while writing {self._plan.filename}",
+                                  "free space beside --out and retry; the partial output was removed") from exc
+            raise OutputError(f"cannot write {self._plan.filename}: {exc.strerror}", "check --out") from exc
+        self._hash.update(data)
+
+    def write(self, name: str, data) -> None:
+        """`data`: a bytes-like object holding exactly the planned bytes of tensor `name`."""
+        plan, expected = self._queue[self._pos]
+        if expected.name != name or memoryview(data).nbytes != expected.nbytes:
+            raise AssertionError(f"writer expected {expected.name} ({expected.nbytes} B), got {name}")
+        if self._plan is not plan:
+            self._open(plan)
+        self._write(data)
+        self._pos += 1
+
+    def _close_current(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self.sha256[self._plan.filename] = self._hash.hexdigest()
+            self._file = None
+
+    def close(self) -> None:
+        """Finish the last shard; every planned tensor must have been written."""
+        if self._pos != len(self._queue):
+            raise AssertionError(f"writer closed after {self._pos} of {len(self._queue)} tensors")
+        if not self._queue:  # a model with no tensors still gets its (empty) shard
+            for plan in self.plans:
+                self._open(plan)
+        self._close_current()
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
