@@ -44,6 +44,10 @@ class CannedUpstream:
     loaded: set[str] = field(default_factory=set)
     record: bool = True
 
+    def served(self) -> list[Record]:
+        """Records of everything but the gateway's health probes."""
+        return [r for r in self.records if "x-switchyard-probe" not in r.headers]
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":

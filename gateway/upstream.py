@@ -16,6 +16,7 @@ from typing import Literal
 import httpx
 
 State = Literal["unknown", "healthy", "down"]
+PROBE_HEADERS = {"x-switchyard-probe": "1"}  # lets engine logs (and test upstreams) tell probes apart
 
 
 @dataclass(eq=False)
@@ -99,7 +100,7 @@ async def probe(client: httpx.AsyncClient, up: Upstream, timeout_s: float) -> tu
     """(generated one token, error, connection refused). Never raises."""
     try:
         model = up.probe_model or await discover_model(client, up, timeout_s)
-        r = await client.post(f"{up.url}/v1/completions", timeout=timeout_s,
+        r = await client.post(f"{up.url}/v1/completions", timeout=timeout_s, headers=PROBE_HEADERS,
                               json={"model": model, "prompt": "a", "max_tokens": 1})
         if r.status_code == 200 and r.json().get("choices"):
             return True, None, False

@@ -1,0 +1,194 @@
+"""The proxy against a canned upstream (fixed SSE chunks, no engine): streaming, rewriting, errors,
+disconnects, route switches. The same behaviour against real vLLM is in test_engine.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from deploy.engines import free_port
+from gateway.core.routing import Route
+from tests.gateway.conftest import ADMIN_KEY, CLIENT_KEY, auth, serve_gateway
+
+CHAT = {"model": "stable", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def client(server, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=20, **kw)
+
+
+def events_of(text: str) -> list[str]:
+    return [e[len("data: "):] for e in text.split("\n\n") if e.startswith("data: ")]
+
+
+def test_models_lists_every_route_with_mode_and_upstream(gateway_url):
+    models = client(gateway_url).models.list().data
+    assert [(m.id, m.mode, m.upstream) for m in models] == [("stable", "adapter", "base"), ("canned-base", "base", "base")]
+
+
+def test_model_is_rewritten_both_ways_and_headers_name_mode_and_upstream(gateway_url, fresh_canned):
+    r = httpx.post(gateway_url.url + "/v1/chat/completions", json=CHAT, headers=auth())
+    assert r.status_code == 200 and r.json()["model"] == "stable"
+    assert r.headers["x-switchyard-mode"] == "adapter" and r.headers["x-switchyard-upstream"] == "base"
+    assert json.loads(fresh_canned.served()[-1].body)["model"] == "lora-x"
+    c = client(gateway_url).completions.create(model="canned-base", prompt="x")
+    assert c.model == "canned-base" and c.usage.completion_tokens == 8
+
+
+def test_streams_pass_through_chunk_by_chunk(gateway_url):
+    body = {**CHAT, "stream": True, "canned": {"chunks": 4, "chunk_delay_s": 0.3}}
+    arrivals = []
+    with httpx.stream("POST", gateway_url.url + "/v1/chat/completions", json=body, headers=auth()) as r:
+        assert r.headers["x-switchyard-mode"] == "adapter"
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append((time.monotonic(), line[6:]))
+    payloads = [p for _, p in arrivals]
+    assert payloads[-1] == "[DONE]" and len(payloads) == 5
+    assert all(json.loads(p)["model"] == "stable" for p in payloads[:-1])
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:-1])]
+    assert min(gaps) > 0.15  # each chunk arrived when the upstream sent it: nothing was buffered
+
+
+def test_usage_chunk_is_requested_upstream_and_stripped_unless_asked(gateway_url, fresh_canned):
+    chunks = list(client(gateway_url).chat.completions.create(**CHAT, stream=True))
+    assert all(c.usage is None for c in chunks) and len(chunks) == 8
+    upstream_sent = json.loads(fresh_canned.served()[-1].body)
+    assert upstream_sent["stream_options"] == {"include_usage": True}
+    asked = list(client(gateway_url).chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True}))
+    assert asked[-1].usage.completion_tokens == 8
+    metrics = httpx.get(gateway_url.url + "/metrics").text
+    assert 'switchyard_completion_tokens_total{mode="adapter",route="stable"} 16.0' in metrics
+    assert 'switchyard_requests_total{mode="adapter",route="stable",status="200"} 2.0' in metrics
+    assert "switchyard_time_to_first_token_seconds_bucket" in metrics
+
+
+def test_hop_by_hop_headers_and_the_client_key_never_reach_the_engine(gateway_url, fresh_canned):
+    headers = {**auth(), "Connection": "keep-alive, X-Private", "X-Private": "1", "Keep-Alive": "timeout=5",
+               "TE": "trailers", "Proxy-Authorization": "x", "X-Request-Id": "req-42"}
+    assert httpx.post(gateway_url.url + "/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+    seen = fresh_canned.served()[-1].headers
+    assert seen["x-request-id"] == "req-42"
+    for h in ("x-private", "keep-alive", "te", "proxy-authorization", "authorization"):
+        assert h not in seen, h
+
+
+@pytest.mark.parametrize("path", ["/pause", "/resume", "/update_weights", "/collective_rpc", "/invocations",
+                                  "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health", "/tokenize"])
+def test_engine_control_endpoints_are_never_proxied(gateway_url, fresh_canned, path):
+    r = httpx.post(gateway_url.url + path, json={"lora_name": "x", "lora_path": "/tmp"}, headers=auth())
+    assert r.status_code in (404, 405) and "error" in r.json()
+    assert fresh_canned.served() == []
+
+
+def test_openai_style_errors(gateway_url):
+    url = gateway_url.url + "/v1/chat/completions"
+    r = httpx.post(url, json={**CHAT, "model": "nope"}, headers=auth())
+    assert r.status_code == 404 and "stable, canned-base" in r.json()["error"]["message"]
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.post(url, content=b"{not json", headers=auth()).status_code == 400
+    assert httpx.post(url, json={"model": "stable"}, headers=auth()).status_code == 400
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5_000_000}]}
+    assert httpx.post(url, json=big, headers=auth()).status_code == 413
+    r = httpx.post(url, json={**CHAT, "canned": {"status": 400}}, headers=auth())
+    assert r.status_code == 400 and r.json()["error"]["message"] == "canned error 400"  # passed through
+
+
+def test_client_keys(gateway_url):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gateway_url.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    r = httpx.post(gateway_url.url + "/v1/chat/completions", json=CHAT)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_admin_api_needs_the_admin_key(gateway_url):
+    url = gateway_url.url + "/admin/routes"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers=auth(CLIENT_KEY)).status_code == 403
+    assert httpx.get(url, headers=auth("guess")).status_code == 403
+    assert httpx.get(url, headers=auth(ADMIN_KEY)).json()["routes"][0]["name"] == "stable"
+    assert httpx.post(gateway_url.url + "/v1/chat/completions", json=CHAT, headers=auth(ADMIN_KEY)).status_code == 401
+
+
+def test_unreachable_upstream_gives_503_with_retry_after_and_readyz_names_the_route():
+    dead = f"http://127.0.0.1:{free_port()}"
+    with serve_gateway(dead, connect_retries=1) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json=CHAT, headers=auth())
+        assert r.status_code == 503 and r.headers["retry-after"] == "2"
+        ready = httpx.get(server.url + "/readyz")
+        assert ready.status_code == 503 and "stable" in ready.json()["error"]["message"]
+        assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_upstream_timeouts(fresh_canned):
+    with serve_gateway(fresh_canned.url, read_timeout_s=0.5, stream_idle_timeout_s=0.5) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "canned": {"delay_s": 2}}, headers=auth())
+        assert r.status_code == 504
+        body = {**CHAT, "stream": True, "canned": {"chunks": 5, "hang_after": 2}}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=auth(), timeout=10)
+        events = events_of(r.text)
+        assert len(events) == 3 and "[DONE]" not in events
+        assert json.loads(events[-1])["error"]["code"] == 504
+
+
+@pytest.mark.parametrize("failure", [{"fail_after": 3}, {"truncate_after": 3}])
+def test_a_broken_stream_ends_with_an_error_event_never_a_clean_end(gateway_url, failure):
+    stream = client(gateway_url).chat.completions.create(**CHAT, stream=True, extra_body={"canned": failure})
+    got = []
+    with pytest.raises(openai.APIError, match="incomplete"):
+        for chunk in stream:
+            got.append(chunk)
+    assert len(got) == 3
+
+
+def test_client_disconnect_aborts_the_upstream_request(gateway_url, fresh_canned):
+    body = {**CHAT, "stream": True, "canned": {"chunks": 200, "chunk_delay_s": 0.05}}
+    with httpx.stream("POST", gateway_url.url + "/v1/chat/completions", json=body, headers=auth()) as r:
+        it = r.iter_lines()
+        assert next(it).startswith("data: ")
+    deadline = time.monotonic() + 5
+    while fresh_canned.aborted == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fresh_canned.aborted == 1 and fresh_canned.completed == 0
+    ups = httpx.get(gateway_url.url + "/admin/upstreams", headers=auth(ADMIN_KEY)).json()["upstreams"]
+    assert ups[0]["in_flight"] == 0
+
+
+def test_a_route_switch_while_streams_run_loses_none_of_them(gateway_url, fresh_canned):
+    n, chunks = 8, 12
+    results: list[list[str]] = [[] for _ in range(n)]
+
+    def run(i):
+        with client(gateway_url).chat.completions.create(
+                **CHAT, stream=True, extra_body={"canned": {"chunks": chunks, "chunk_delay_s": 0.05}}) as s:
+            results[i] = [c.model for c in s]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    admin = auth(ADMIN_KEY)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # switch while all streams are in flight
+        ups = httpx.get(gateway_url.url + "/admin/upstreams", headers=admin).json()["upstreams"]
+        if ups[0]["in_flight"] == n:
+            break
+        time.sleep(0.02)
+    assert ups[0]["in_flight"] == n
+    r = httpx.put(gateway_url.url + "/admin/routes/stable", headers=admin,
+                  json={"upstream": "base", "upstream_model": "lora-y", "mode": "adapter"})
+    assert r.status_code == 200
+    for t in threads:
+        t.join(20)
+    assert all(r == ["stable"] * chunks for r in results)  # every stream finished, under the stable name
+    sent = [json.loads(rec.body)["model"] for rec in fresh_canned.served() if rec.path.endswith("completions")
+            and b'"stream":true' in rec.body]
+    assert sent[:n] == ["lora-x"] * n  # the old route, kept by each in-flight request
+    client(gateway_url).chat.completions.create(**CHAT)
+    assert json.loads(fresh_canned.served()[-1].body)["model"] == "lora-y"  # new requests see the new table
+    metrics = httpx.get(gateway_url.url + "/metrics").text
+    assert 'switchyard_route_switches_total{route="stable"} 2.0' in metrics  # created, then switched
