@@ -20,9 +20,13 @@ moved as a whole. Example:
     adapters_root = "adapters"     # admin loads must resolve under here
     state_dir = "state"            # registry, merged artifacts, logs
 
-    [gates]
+    [gates]                        # a promote is refused unless the candidate is within both
     max_accuracy_drop = 0.05
     max_kl = 0.1
+
+    [deploy]
+    keep_adapter_loaded = true
+    quantize = "awq"               # or "none": serve the merged full-precision checkpoint
 
     [[adapters]]
     name = "reverse-bot"           # stable name
@@ -36,7 +40,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from switchyard.errors import ConfigError
 
@@ -65,6 +69,18 @@ class GatewaySpec(_Frozen):
     port: int = Field(8000, ge=0, le=65535)
     adapters_root: Path | None = None
     state_dir: Path = Path("state")
+    # keys may also come from SWITCHYARD_API_KEYS / SWITCHYARD_ADMIN_KEY (the environment wins);
+    # without any admin key, `serve` makes one and keeps it in <state_dir>/admin.key (mode 0600)
+    api_keys: tuple[SecretStr, ...] = ()
+    admin_key: SecretStr | None = None
+
+
+class DeploySpec(_Frozen):
+    keep_adapter_loaded: bool = True   # rollback then needs no load: it is a route switch
+    quantize: str = Field("awq", pattern="^(awq|none)$")
+    drain_timeout_s: float = Field(30.0, ge=0)
+    warmup_requests: int = Field(3, ge=0)
+    validate_max_prompts: int = Field(64, ge=1)
 
 
 class Gates(_Frozen):
@@ -84,6 +100,7 @@ class DeploymentConfig(_Frozen):
     engine: EngineSpec = EngineSpec()
     gateway: GatewaySpec = GatewaySpec()
     gates: Gates = Gates()
+    deploy: DeploySpec = DeploySpec()
     adapters: tuple[AdapterSpec, ...] = ()
 
     @model_validator(mode="after")
