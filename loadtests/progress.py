@@ -83,7 +83,7 @@ def comparison_table(results: Sequence[LevelResult]) -> Table | None:
             cells = []
             for key, _ in COMPARISON_COLUMNS:
                 e = comp[key]
-                text = f"{e.ratio:.3f}" + ("" if e.low is None else f" [{e.low:.3f}, {e.high:.3f}]")
+                text = f"{e.ratio:.2f}" + ("" if e.low is None else f" [{e.low:.2f}, {e.high:.2f}]")
                 cells.append(f"[bold]{text}[/]" if e.significant else text)
             table.add_row(res.label if i == 0 else "", f"{b} / {base}", *cells)
     return table
