@@ -36,16 +36,24 @@ def weights_size(folder: Path) -> int:
 
 
 def _eval_candidates(prov: dict) -> list[object]:
-    """Where a merge's provenance may name the adapter's eval set, most specific first."""
+    """Where a merge's provenance leads to the adapter's eval set, most specific first: an explicit
+    `eval` key, then (one adapter merged) files beside the adapter: `<adapter>/eval.jsonl`,
+    `<adapter>/train.jsonl`, and the demo's layout `<root>/adapters/<name>` -> `<root>/eval/<name>.jsonl`."""
     adapter = prov.get("adapter") if isinstance(prov.get("adapter"), dict) else {}
     adapters = prov.get("adapters") if isinstance(prov.get("adapters"), list) else []
     first = adapters[0] if len(adapters) == 1 and isinstance(adapters[0], dict) else {}
-    return [adapter.get("eval"), adapter.get("eval_set"), first.get("eval"), prov.get("eval"),
-            prov.get("eval_set")]
+    found: list[object] = [adapter.get("eval"), adapter.get("eval_set"), first.get("eval"), prov.get("eval"),
+                           prov.get("eval_set")]
+    if isinstance(first.get("path"), str) and first["path"]:
+        folder = Path(first["path"])
+        names = [folder.name] + ([first["name"]] if isinstance(first.get("name"), str) else [])
+        found += [str(folder / "eval.jsonl"), str(folder / "train.jsonl")]
+        found += [str(folder.parent.parent / "eval" / f"{n}.jsonl") for n in names]
+    return found
 
 
 def eval_set_from_provenance(prov: dict | None, model: Path) -> Path | None:
-    """The adapter's eval JSONL named by a merge's `switchyard.json`, if it names one that exists.
+    """The adapter's eval JSONL a merge's `switchyard.json` leads to (see `_eval_candidates`), if it exists.
 
     Relative paths are taken relative to the model folder, then as given (cwd)."""
     if not prov:

@@ -6,7 +6,7 @@ modules: `.venv-quant` does not have them.
 
 Protocol with the driver (`merger/quantize.py`):
   * the request is one JSON file (a `job` plus its arguments, see `run_quantize`/`run_evaluate`/
-    `run_logits`); calibration, eval and held-out sets arrive as JSONL files the driver normalised;
+    `run_prompts`); calibration, eval and held-out sets arrive as JSONL files the driver normalised;
   * progress and the outcome are single lines on stdout, `@@switchyard {json}`; anything else on
     stdout/stderr (llm-compressor's logs and progress bars) is for the log file;
   * a failure is one `{"event": "error", "kind": ..., "message": ...}` line and exit code 3, so the
@@ -120,7 +120,8 @@ def _library_versions() -> dict[str, str]:
     return out
 
 
-def _load_model(path: str):
+def _load_model(path: str, dtype: str = "auto"):
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -129,7 +130,7 @@ def _load_model(path: str):
         raise WorkerFailure("architecture", f"transformers cannot read {path}/config.json: {exc}") from exc
     arch = ",".join(getattr(config, "architectures", None) or [config.model_type])
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     except Exception as exc:  # noqa: BLE001
         raise WorkerFailure("architecture", f"cannot load {arch} as a causal LM: {exc}") from exc
     model.eval()
@@ -312,27 +313,32 @@ def run_evaluate(req: dict) -> dict:
     return out
 
 
-def run_logits(req: dict) -> dict:
-    """Next-token logits for each prompt (chat template applied), saved as one safetensors file.
+def run_prompts(req: dict) -> dict:
+    """Logits over each prompt's tokens and a greedy completion: the candidate side of `switchyard validate`.
 
-    Output tensors: `logits_<i>` of shape [tokens_i, vocab] in float32, one per prompt, in order.
+    Prompts arrive as token ids (the driver tokenizes with the base's tokenizer, so both sides see the
+    same tokens). Writes `req["out"]`, a safetensors file with `logits_<i>` of shape [tokens_i, vocab]
+    in float32, and returns the completions' token ids in prompt order.
     """
     import torch
     from safetensors.torch import save_file
 
-    model, _ = _load_model(req["model"])
-    tokenizer = _load_tokenizer(req["model"])
-    tensors = {}
-    for i, item in enumerate(read_jsonl(req["prompts"])):
-        text = render_sample(tokenizer, item) if ("messages" in item or "text" in item) else item["prompt"]
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    model, _ = _load_model(req["model"], req.get("dtype", "float32"))
+    pad = req.get("pad_token_id")
+    tensors, greedy = {}, []
+    emit("stage", stage="run", message=f"running {len(req['token_ids'])} prompts on {req['model']}")
+    for i, token_ids in enumerate(req["token_ids"]):
+        ids = torch.tensor([token_ids])
         with torch.no_grad():
             tensors[f"logits_{i}"] = model(input_ids=ids).logits[0].float().contiguous()
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=int(req["max_new_tokens"]), pad_token_id=pad)
+        greedy.append(out[0, ids.shape[1]:].tolist())
     save_file(tensors, req["out"])
-    return {"prompts": len(tensors), "path": req["out"]}
+    return {"greedy_ids": greedy}
 
 
-JOBS = {"quantize": run_quantize, "evaluate": run_evaluate, "logits": run_logits}
+JOBS = {"quantize": run_quantize, "evaluate": run_evaluate, "prompts": run_prompts}
 
 
 def main(argv: list[str]) -> int:
@@ -349,6 +355,11 @@ def main(argv: list[str]) -> int:
     try:
         result = job(req)
     except WorkerFailure as exc:
+        if exc.__cause__ is not None:  # the library's traceback belongs in the log
+            import traceback
+
+            traceback.print_exception(exc.__cause__)
+            sys.stderr.flush()
         emit("error", kind=exc.kind, message=exc.message)
         return EXIT_REPORTED
     except MemoryError:

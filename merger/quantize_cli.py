@@ -75,7 +75,7 @@ def quantize_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the quantizer's full output."),
 ) -> None:
     """AWQ 4-bit quantization of a merged model into a compressed-tensors checkpoint vLLM serves."""
-    from merger.quantize import QuantizeOptions, quantize
+    from merger.quantize import QuantizeOptions, quantize, quantized_serving_problem
 
     options = QuantizeOptions(
         method=method, scheme=scheme, group_size=group_size,
@@ -89,6 +89,9 @@ def quantize_command(
     finally:
         done()
     typer.echo(format_report(result))
+    problem = quantized_serving_problem()
+    if problem:
+        typer.echo(f"note: {problem}", err=True)
 
 
 def register(app: typer.Typer) -> None:

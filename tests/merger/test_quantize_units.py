@@ -27,6 +27,7 @@ from merger.quantize import (
     QuantizeReport,
     check_model,
     check_options,
+    cpu_serving_problem,
     default_out,
     quantize,
 )
@@ -120,6 +121,7 @@ def test_default_out_names_method_and_scheme(tmp_path):
     (QuantizeOptions(group_size=100), "not a power of two"),
     (QuantizeOptions(samples=0), "--samples"),
     (QuantizeOptions(seq_len=1), "--seq-len"),
+    (QuantizeOptions(n_grid=2), "grid of 2 points"),
 ])
 def test_check_options_rejects_bad_values(options, needle):
     with pytest.raises(QuantizeError, match=needle):
@@ -151,6 +153,20 @@ def test_eval_set_from_provenance_resolves_relative_to_the_model(tmp_path):
     assert eval_set_from_provenance({"adapters": [{"eval": str(tmp_path / "eval" / "reverse.jsonl")}]}, model) is not None
     assert eval_set_from_provenance({"adapter": {"eval": "eval/missing.jsonl"}}, model) is None
     assert eval_set_from_provenance(None, model) is None
+
+
+def test_eval_set_from_a_merge_provenance_follows_the_adapter(tmp_path):
+    """`switchyard merge` records the adapter's path; the demo keeps eval sets in <root>/eval/<name>.jsonl."""
+    adapter = tmp_path / "demo" / "adapters" / "reverse"
+    adapter.mkdir(parents=True)
+    (tmp_path / "demo" / "eval").mkdir()
+    (tmp_path / "demo" / "eval" / "reverse.jsonl").write_text('{"prompt": "a", "expected": "a"}\n')
+    prov = {"schema": "switchyard.merge/v1", "adapters": [{"name": "reverse", "path": str(adapter)}]}
+    assert eval_set_from_provenance(prov, tmp_path / "merged") == (tmp_path / "demo" / "eval" / "reverse.jsonl").resolve()
+    (adapter / "train.jsonl").write_text('{"prompt": "b", "expected": "b"}\n')
+    assert eval_set_from_provenance(prov, tmp_path / "merged") == (adapter / "train.jsonl").resolve()
+    two = {"adapters": [{"name": "reverse", "path": str(adapter)}, {"name": "sort", "path": str(adapter)}]}
+    assert eval_set_from_provenance(two, tmp_path / "merged") is None  # whose prompts? not guessed
 
 
 def test_shards_digest_and_size(tmp_path):
@@ -253,3 +269,9 @@ def test_worker_result_and_progress(tmp_path):
     assert run_worker(exe, {"job": "quantize"}, tmp_path, tmp_path / "q.log",
                       progress=lambda k, t: seen.append((k, t))) == {"samples": 2}
     assert seen == [("stage", "loading m"), ("output", "bar 1/2"), ("output", "bar 2/2")]
+
+
+def test_cpu_serving_needs_avx512():
+    assert cpu_serving_problem({"fpu", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}) is None
+    problem = cpu_serving_problem({"fpu", "avx", "avx2", "fma"})
+    assert "AVX-512" in problem and "merged model" in problem
