@@ -60,6 +60,30 @@ def _error_response(status: int, message: str, type_: str, code, headers: dict |
     return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
 
 
+class _HotPaths:
+    """The two proxied POST endpoints, served ahead of FastAPI's routing and dependency machinery
+    (measured: a sixth of the gateway's CPU per streamed request). Their FastAPI routes stay, for
+    the OpenAPI schema and for other methods. Errors other than GatewayError reach the app's
+    outermost handler (the JSON 500 below)."""
+
+    PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+    def __init__(self, app, gateway: Gateway, settings: GatewaySettings) -> None:
+        self.app, self.gw, self.keys = app, gateway, settings.client_keys()
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = self.PATHS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if kind is None:
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive, send)
+        try:
+            check_client(request.headers.get("authorization"), self.keys)
+            response = await handle_completion(self.gw, request, kind)
+        except GatewayError as exc:
+            response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+        await response(scope, receive, send)
+
+
 def create_app(settings: GatewaySettings, gateway: Gateway | None = None,
                extra_routers: Iterable[APIRouter] = ()) -> FastAPI:
     """The app for one deployment. `gateway` defaults to an empty one built from `settings`;
@@ -100,6 +124,7 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None,
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _error_response(500, "internal gateway error", "internal_error", "internal_error")
 
+    # served by _HotPaths; declared here for the schema (and as the fallback if that is removed)
     @app.post("/v1/chat/completions", openapi_extra=_body_doc(_CHAT_SCHEMA), tags=["openai"])
     async def chat_completions(request: Request) -> Response:
         check_client(request.headers.get("authorization"), settings.client_keys())
@@ -109,6 +134,8 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None,
     async def completions(request: Request) -> Response:
         check_client(request.headers.get("authorization"), settings.client_keys())
         return await handle_completion(gw, request, "completions")
+
+    app.add_middleware(_HotPaths, gateway=gw, settings=settings)
 
     @app.get("/v1/models", tags=["openai"])
     async def models(request: Request) -> dict:

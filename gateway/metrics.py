@@ -32,10 +32,39 @@ class GatewayMetrics:
         self.route_switches = Counter("switchyard_route_switches", "Route changes (switch, add, remove)",
                                       ["route"], registry=r)
 
+        self._routes: dict[tuple[str, str], RouteMetrics] = {}
+
+    def route(self, name: str, mode: str) -> "RouteMetrics":
+        """The labelled children for one route, looked up once (labels() costs a lock and a dict)."""
+        key = (name, mode)
+        found = self._routes.get(key)
+        if found is None:
+            found = self._routes[key] = RouteMetrics(self, name, mode)
+        return found
+
     def observe_usage(self, route: str, mode: str, usage: tuple[int, int] | None) -> None:
-        if usage is not None:
-            self.prompt_tokens.labels(route, mode).inc(usage[0])
-            self.completion_tokens.labels(route, mode).inc(usage[1])
+        self.route(route, mode).usage(usage)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RouteMetrics:
+    def __init__(self, m: GatewayMetrics, name: str, mode: str) -> None:
+        self._m, self._name, self._mode = m, name, mode
+        self.latency = m.latency.labels(name, mode)
+        self.ttft = m.ttft.labels(name, mode)
+        self._prompt = m.prompt_tokens.labels(name, mode)
+        self._completion = m.completion_tokens.labels(name, mode)
+        self._status: dict[str, object] = {}
+
+    def count(self, status: str) -> None:
+        child = self._status.get(status)
+        if child is None:
+            child = self._status[status] = self._m.requests.labels(self._name, self._mode, status)
+        child.inc()
+
+    def usage(self, usage: tuple[int, int] | None) -> None:
+        if usage is not None:
+            self._prompt.inc(usage[0])
+            self._completion.inc(usage[1])

@@ -2,7 +2,7 @@
 
 The internal Python API that `deploy` drives (all methods run on the app's event loop):
 
-    gw = Gateway(settings)                       # or Gateway(settings, transport=...) in tests
+    gw = Gateway(settings)                       # or Gateway(settings, session_factory=...)
     gw.add_upstream("base", "http://127.0.0.1:8001", max_lora_rank=8, base_model=Path(...))
     gw.set_route(Route("reverse-bot", "base", "reverse-bot", "adapter"))
     gw.table                                     # the current RoutingTable (immutable)
@@ -19,11 +19,13 @@ The internal Python API that `deploy` drives (all methods run on the app's event
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
-import httpx
+import aiohttp
 
 from gateway.adapters import inspect_adapter, load_base_shapes
 from gateway.core.adapter_checks import AdapterSummary
@@ -48,27 +50,24 @@ class UpstreamError(GatewayError):
 
 class Gateway:
     def __init__(self, settings: GatewaySettings, *, table: RoutingTable | None = None,
-                 metrics: GatewayMetrics | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 metrics: GatewayMetrics | None = None,
+                 session_factory: Callable[[GatewaySettings], aiohttp.ClientSession] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or GatewayMetrics()
         self._table = table or RoutingTable()
         self._upstreams: dict[str, Upstream] = {}
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._session_factory = session_factory or default_session
+        self._client: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task | None = None
         self._base_shapes: dict[Path, dict[str, tuple[int, int]]] = {}
         self.created = int(time.time())
 
     # --- lifecycle ------------------------------------------------------------------------------
     @property
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> aiohttp.ClientSession:
+        """The one pooled HTTP client every upstream call shares (created on the running loop)."""
         if self._client is None:
-            s = self.settings
-            self._client = httpx.AsyncClient(
-                transport=self._transport,
-                timeout=httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s, pool=s.connect_timeout_s),
-                limits=httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections),
-            )
+            self._client = self._session_factory(self.settings)
         return self._client
 
     async def start(self, background_probe: bool = True) -> None:
@@ -86,7 +85,7 @@ class Gateway:
                 pass
             self._health_task = None
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     # --- routing --------------------------------------------------------------------------------
@@ -227,13 +226,13 @@ class Gateway:
             shapes = await asyncio.to_thread(self._shapes, up)
             folder, summary = await asyncio.to_thread(
                 inspect_adapter, path, root=self.settings.adapters_root, base=shapes, max_lora_rank=up.max_lora_rank)
-            r = await self._admin_post(up, "/v1/load_lora_adapter", {"lora_name": lora_name, "lora_path": str(folder)})
-            if r.status_code != 200:
-                message = _message_of(r)
-                if r.status_code == 400 and "already" in message:
+            status, message = await self._admin_post(up, "/v1/load_lora_adapter",
+                                                     {"lora_name": lora_name, "lora_path": str(folder)})
+            if status != 200:
+                if status == 400 and "already" in message:
                     raise Conflict(f"an adapter named {lora_name!r} is already loaded on {up.name!r}",
                                    "unload it first, or load under another name")
-                raise UpstreamError(r.status_code, f"{up.name} refused the adapter: {message}")
+                raise UpstreamError(status, f"{up.name} refused the adapter: {message}")
             up.adapters.add(lora_name)
             return summary
         finally:
@@ -244,27 +243,39 @@ class Gateway:
         users = [r.name for r in self._table if r.upstream == up.name and r.upstream_model == lora_name]
         if users:
             raise Conflict(f"routes still use adapter {lora_name!r}: {', '.join(users)}", "switch them first")
-        r = await self._admin_post(up, "/v1/unload_lora_adapter", {"lora_name": lora_name})
-        if r.status_code == 404:
+        status, message = await self._admin_post(up, "/v1/unload_lora_adapter", {"lora_name": lora_name})
+        if status == 404:
             raise NotFound(f"no adapter named {lora_name!r} is loaded on {up.name!r}", "GET /admin/upstreams lists them")
-        if r.status_code != 200:
-            raise UpstreamError(r.status_code, f"{up.name} refused to unload: {_message_of(r)}")
+        if status != 200:
+            raise UpstreamError(status, f"{up.name} refused to unload: {message}")
         up.adapters.discard(lora_name)
 
-    async def _admin_post(self, up: Upstream, path: str, body: dict) -> httpx.Response:
+    async def _admin_post(self, up: Upstream, path: str, body: dict) -> tuple[int, str]:
+        """(status, error message or body text) of an admin call to the engine."""
         try:
-            return await self.client.post(f"{up.url}{path}", json=body, timeout=self.settings.probe_timeout_s * 3)
-        except httpx.ConnectError as exc:
-            self.suspect(up, f"connection refused ({exc})", refused=True)
+            async with self.client.post(f"{up.url}{path}", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=self.settings.probe_timeout_s * 3)) as r:
+                return r.status, _message_of(await r.read())
+        except aiohttp.ClientConnectorError as exc:
+            self.suspect(up, f"connection refused ({exc.os_error})", refused=True)
             raise UpstreamUnavailable(f"{up.name} is not reachable", "retry when /readyz is ready",
                                       self.settings.retry_after_s) from None
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamUnavailable(f"{up.name} did not answer: {type(exc).__name__}", "retry shortly",
                                       self.settings.retry_after_s) from None
 
 
-def _message_of(r: httpx.Response) -> str:
+def default_session(settings: GatewaySettings) -> aiohttp.ClientSession:
+    """Pooled keep-alive connections to every engine; per-call timeouts are set by each caller."""
+    connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0, keepalive_timeout=60,
+                                     ttl_dns_cache=None)
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s),
+                                 skip_auto_headers=("User-Agent",))
+
+
+def _message_of(raw: bytes) -> str:
     try:
-        return str(r.json()["error"]["message"])
+        return str(json.loads(raw)["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        return r.text[:500]
+        return raw.decode(errors="replace")[:500]

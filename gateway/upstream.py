@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import httpx
+import aiohttp
 
 State = Literal["unknown", "healthy", "down"]
 PROBE_HEADERS = {"x-switchyard-probe": "1"}  # lets engine logs (and test upstreams) tell probes apart
@@ -85,40 +85,41 @@ class Upstream:
         }
 
 
-async def discover_model(client: httpx.AsyncClient, up: Upstream, timeout_s: float) -> str:
+async def discover_model(session: aiohttp.ClientSession, up: Upstream, timeout_s: float) -> str:
     """The engine's base served name: the first /v1/models entry that is not a LoRA."""
-    r = await client.get(f"{up.url}/v1/models", timeout=timeout_s)
-    r.raise_for_status()
-    data = r.json()["data"]
+    async with session.get(f"{up.url}/v1/models", timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+        r.raise_for_status()
+        data = (await r.json())["data"]
     for m in data:
         if not m.get("parent"):
             return m["id"]
     return data[0]["id"]
 
 
-async def probe(client: httpx.AsyncClient, up: Upstream, timeout_s: float) -> tuple[bool, str | None, bool]:
+async def probe(session: aiohttp.ClientSession, up: Upstream, timeout_s: float) -> tuple[bool, str | None, bool]:
     """(generated one token, error, connection refused). Never raises."""
     try:
-        model = up.probe_model or await discover_model(client, up, timeout_s)
-        r = await client.post(f"{up.url}/v1/completions", timeout=timeout_s, headers=PROBE_HEADERS,
-                              json={"model": model, "prompt": "a", "max_tokens": 1})
-        if r.status_code == 200 and r.json().get("choices"):
-            return True, None, False
-        return False, f"probe got HTTP {r.status_code}", False
-    except httpx.ConnectError as exc:
-        return False, f"connection refused ({exc})", True
-    except httpx.TimeoutException:
+        model = up.probe_model or await discover_model(session, up, timeout_s)
+        async with session.post(f"{up.url}/v1/completions", headers=PROBE_HEADERS,
+                                json={"model": model, "prompt": "a", "max_tokens": 1},
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+            if r.status == 200 and (await r.json()).get("choices"):
+                return True, None, False
+            return False, f"probe got HTTP {r.status}", False
+    except aiohttp.ClientConnectorError as exc:
+        return False, f"connection refused ({exc.os_error})", True
+    except (asyncio.TimeoutError, TimeoutError):
         return False, f"no token within {timeout_s:g} s", False
-    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+    except (aiohttp.ClientError, ValueError, KeyError, IndexError) as exc:
         return False, f"probe failed: {type(exc).__name__}: {exc}", False
 
 
-async def probe_and_record(client: httpx.AsyncClient, up: Upstream, timeout_s: float, unhealthy_after: int) -> bool:
+async def probe_and_record(session: aiohttp.ClientSession, up: Upstream, timeout_s: float, unhealthy_after: int) -> bool:
     if up._probing:
         return up.state == "healthy"
     up._probing = True
     try:
-        ok, error, refused = await probe(client, up, timeout_s)
+        ok, error, refused = await probe(session, up, timeout_s)
         up.record_probe(ok, error, refused, unhealthy_after, time.monotonic())
         return ok
     finally:

@@ -114,6 +114,7 @@ def forward_request_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
             named |= {t.strip().lower() for t in v.split(",") if t.strip()}
     out = {k: v for k, v in headers if k.lower() not in _DROP_REQUEST and k.lower() not in named}
     out["content-type"] = "application/json"
+    out["accept-encoding"] = "identity"  # bytes are rewritten in flight: never compressed
     return out
 
 
