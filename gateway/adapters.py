@@ -50,6 +50,13 @@ def resolve_under(path: str | Path, root: Path | None) -> Path:
     return real
 
 
+def _trusted_folder(path: str | Path) -> Path:
+    real = Path(os.path.realpath(path))
+    if not real.is_dir():
+        raise AdapterRejected(f"adapter path {str(path)!r} is not a folder", "pass a PEFT adapter folder")
+    return real
+
+
 def load_base_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     """Module -> (out, in) from every safetensors file of a base checkpoint folder (headers only)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -64,8 +71,10 @@ def load_base_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
 
 def inspect_adapter(path: str | Path, *, root: Path | None, base: dict[str, tuple[int, int]],
                     max_lora_rank: int) -> tuple[Path, AdapterSummary]:
-    """The resolved folder and what it holds, or AdapterRejected saying why vLLM must not see it."""
-    folder = resolve_under(path, root)
+    """The resolved folder and what it holds, or AdapterRejected saying why vLLM must not see it.
+    `root=None` skips only the root check, for trusted callers (adapters named in the deployment
+    file); the admin API always passes its configured root."""
+    folder = resolve_under(path, root) if root is not None else _trusted_folder(path)
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise AdapterRejected(f"the adapter folder holds pickle files ({', '.join(pickles)})",

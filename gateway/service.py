@@ -221,11 +221,15 @@ class Gateway:
         if lora_name in up.adapters or lora_name in up.loading or lora_name == up.probe_model:
             raise Conflict(f"an adapter named {lora_name!r} is already loaded on {up.name!r}",
                            "unload it first, or load under another name")
+        root = self.settings.adapters_root
+        if root is None:
+            raise AdapterRejected("no adapters root is configured, so no adapter path is accepted",
+                                  "set gateway.adapters_root in switchyard.toml or SWITCHYARD_ADAPTERS_ROOT")
         up.loading.add(lora_name)  # reserved before the first await: concurrent loads see it
         try:
             shapes = await asyncio.to_thread(self._shapes, up)
             folder, summary = await asyncio.to_thread(
-                inspect_adapter, path, root=self.settings.adapters_root, base=shapes, max_lora_rank=up.max_lora_rank)
+                inspect_adapter, path, root=root, base=shapes, max_lora_rank=up.max_lora_rank)
             status, message = await self._admin_post(up, "/v1/load_lora_adapter",
                                                      {"lora_name": lora_name, "lora_path": str(folder)})
             if status != 200:

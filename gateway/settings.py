@@ -66,6 +66,10 @@ def _from_config(config: DeploymentConfig | None) -> dict[str, Any]:
     values: dict[str, Any] = {"host": config.gateway.host, "port": config.gateway.port}
     if config.gateway.adapters_root is not None:
         values["adapters_root"] = config.gateway.adapters_root
+    for key in ("api_keys", "admin_key"):  # newer configs may carry keys (the environment still wins)
+        value = getattr(config.gateway, key, None)
+        if value:
+            values[key] = value
     return values
 
 

@@ -119,3 +119,12 @@ def test_drain_waits_for_in_flight_to_reach_zero():
         assert await up.wait_idle(0)  # idle already
 
     asyncio.run(scenario())
+
+
+def test_admin_loads_are_refused_without_an_adapters_root(tmp_path, fresh_canned):
+    write_adapter(tmp_path / "a")
+    with serve_gateway(fresh_canned.url, base_model=write_base(tmp_path / "base")) as server:
+        r = httpx.post(server.url + "/admin/adapters", headers=ADMIN,
+                       json={"upstream": "base", "name": "a", "path": str(tmp_path / "a")})
+        assert r.status_code == 422 and "no adapters root" in r.json()["error"]["message"]
+    assert loads(fresh_canned) == []
