@@ -84,6 +84,7 @@ def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeO
     import torch
 
     start, t0 = datetime.now(timezone.utc), time.perf_counter()
+    _return_freed_memory()
     base = Path(base)
     if not adapters:
         raise InputError("no adapter given", "pass at least one PEFT adapter folder")
@@ -174,6 +175,23 @@ def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeO
         raise
     return MergeResult(out, prov, rounding, len(result.stats), result.bytes_written,
                        time.perf_counter() - t0, peak, plan.notes)
+
+
+def _return_freed_memory() -> None:
+    """Make glibc serve every large tensor from its own mmap, returned to the OS when freed.
+
+    By default glibc raises its mmap threshold after the first large free, and later tensors then
+    come from heap arenas that never shrink, which would let resident memory creep up to the sum
+    of all tensors seen instead of the ones alive.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed at 1 MiB
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def _copy_side_files(base: Path, tmp: Path, base_config: dict, plan, options: MergeOptions) -> None:

@@ -36,6 +36,8 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
 def load_adapter(path: Path, allow_pickle: bool = False) -> LoadedAdapter:
     import torch
 
+    from merger.core.apply import all_finite
+
     path = Path(path)
     cfg_file = path / "adapter_config.json"
     if not cfg_file.exists():
@@ -69,7 +71,7 @@ def load_adapter(path: Path, allow_pickle: bool = False) -> LoadedAdapter:
     else:
         raise InputError(f"{path} has no adapter_model.safetensors", "pass a PEFT adapter folder")
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise NonFiniteError(f"adapter {path.name}: tensor {key} has NaN/Inf values",
                                  "the adapter is broken (check its training run); nothing was written")
     parsed = parse_adapter(path.name, config, tensors)
