@@ -160,7 +160,10 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=16, help="canned: SSE chunks per response")
     p.add_argument("--vllm", action="store_true", help="upstream = the demo vLLM engine (artifacts/demo)")
     p.add_argument("--max-tokens", type=int, default=16, help="vllm: tokens per streamed completion")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gateway.json")
+    p.add_argument("--demo-dir", type=Path, default=Path(os.environ.get("SWITCHYARD_DEMO_DIR", ROOT / "artifacts" / "demo")),
+                   help="vllm: the demo folder whose base model is served")
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "switchyard-gateway-bench.json",
+                   help="raw per-request timings and the summary (JSON)")
     a = p.parse_args()
 
     procs: list[subprocess.Popen] = []
@@ -171,7 +174,7 @@ def main() -> None:
                 from deploy.engines import Engine, EngineLaunch
                 from switchyard.config import load_config
 
-                cfg = load_config(ROOT / "artifacts" / "demo" / "switchyard.toml")
+                cfg = load_config(a.demo_dir / "switchyard.toml")
                 engine = Engine(EngineLaunch(model=cfg.base.model, served_name=cfg.base.name, port=free_port(),
                                              max_model_len=cfg.engine.max_model_len, kv_cache_gib=cfg.engine.kv_cache_gib,
                                              log_path=Path(tmp) / "engine.log")).start(cfg.engine.start_timeout_s)
@@ -214,7 +217,7 @@ def main() -> None:
     rows = summarize(raw)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = a.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps({"argv": sys.argv, "upstream": "vllm" if a.vllm else "canned",
+    tmp_out.write_text(json.dumps({"argv": sys.argv, "upstream": f"vllm:{a.demo_dir}" if a.vllm else "canned",
                                    "cpus": os.cpu_count(), "loadavg_end": os.getloadavg(),
                                    "summary": rows, "raw": raw}))
     tmp_out.replace(a.out)

@@ -92,7 +92,10 @@ class CannedUpstream:
             return await _answer(send, status, _err(f"canned error {status}"))
         chat = path == "/v1/chat/completions"
         if not req.get("stream"):
-            await asyncio.sleep(float(opts.get("delay_s", 0)))
+            delay = float(opts.get("delay_s", 0))
+            if delay and await _disconnected_within(receive, delay):
+                self.aborted += 1
+                return
             return await _answer(send, 200, _whole(req["model"], chat, int(opts.get("chunks", 8))))
         await self._stream(req, chat, opts, receive, send)
 
@@ -137,6 +140,18 @@ class CannedUpstream:
             self.completed += 1
         finally:
             watcher.cancel()
+
+
+async def _disconnected_within(receive, seconds: float) -> bool:
+    async def gone():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    try:
+        await asyncio.wait_for(gone(), seconds)
+        return True
+    except asyncio.TimeoutError:
+        return False
 
 
 def _err(message: str) -> dict:

@@ -60,14 +60,22 @@ async def handle_completion(gw: Gateway, request: Request, kind: Kind) -> Respon
                                     sock_read=s.stream_idle_timeout_s if req.stream else s.read_timeout_s)
     body = upstream_body(req, route.upstream_model, raw)
     headers = forward_request_headers(request.headers.items())
+    url = up.url + PATHS[kind]
     gw.enter(up)
     handed_over = False
     try:
-        resp = await _send_with_retry(gw, up, up.url + PATHS[kind], body, headers, timeout)
-        if req.stream and resp.status == 200:
+        if not req.stream:
+            # vLLM answers a plain request only when it is done: watch the client for the whole wait
+            whole = await _unless_disconnected(request.receive, _fetch_whole(gw, up, url, body, headers, timeout))
+            if whole is None:
+                gw.metrics.route(route.name, route.mode).count("499")
+                return Response(status_code=499)  # nobody is listening; the engine's request was dropped
+            return _answer_whole(gw, up, route, *whole, arrived)
+        resp = await _send_with_retry(gw, up, url, body, headers, timeout)  # stream headers come at once
+        if resp.status == 200:
             handed_over = True  # the stream response releases the slot when it ends, however it ends
             return _ProxyStream(gw, up, route, req, resp, arrived)
-        return await _whole_response(gw, up, route, resp, request, arrived)
+        return _answer_whole(gw, up, route, *await _read_whole(gw, up, resp), arrived)
     except BaseException as exc:
         status = getattr(exc, "status", 499 if isinstance(exc, asyncio.CancelledError) else 500)
         gw.metrics.route(route.name, route.mode).count(str(status))
@@ -100,44 +108,56 @@ async def _send_with_retry(gw: Gateway, up: Upstream, url: str, body: bytes, hea
     raise AssertionError("unreachable")
 
 
-async def _whole_response(gw: Gateway, up: Upstream, route: Route, resp: aiohttp.ClientResponse,
-                          request: Request, arrived: float) -> Response:
-    """Read the engine's whole answer, unless the client goes away first (then abort it)."""
-    s = gw.settings
-    read = asyncio.ensure_future(resp.read())
-    watch = asyncio.ensure_future(_until_disconnect(request.receive))
+async def _unless_disconnected(receive: Receive, work):
+    """`await work`, unless the client disconnects first: then cancel it (aiohttp closes the
+    engine's connection, so vLLM aborts the request) and return None."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_until_disconnect(receive))
     try:
-        await asyncio.wait((read, watch), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-        if not read.done():
-            read.cancel()
-    if read.cancelled():  # the client disconnected: drop the engine's connection, nobody to answer
-        resp.close()
-        gw.metrics.route(route.name, route.mode).count("499")
-        return Response(status_code=499)
-    failure = read.exception()
-    if failure is not None:
-        resp.close()
-        if isinstance(failure, _TIMEOUTS):
-            raise UpstreamTimeout(f"the engine {up.name} did not finish within {s.read_timeout_s:g} s",
-                                  "ask for fewer tokens, stream, or raise SWITCHYARD_READ_TIMEOUT_S")
-        gw.suspect(up, f"{type(failure).__name__}: {failure}", refused=False)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return None if task.cancelled() else task.result()
+
+
+async def _fetch_whole(gw: Gateway, up: Upstream, url: str, body: bytes, headers: dict,
+                       timeout: aiohttp.ClientTimeout) -> tuple[int, list, bytes]:
+    return await _read_whole(gw, up, await _send_with_retry(gw, up, url, body, headers, timeout))
+
+
+async def _read_whole(gw: Gateway, up: Upstream, resp: aiohttp.ClientResponse) -> tuple[int, list, bytes]:
+    """(status, headers, body) of a response read to the end."""
+    s = gw.settings
+    try:
+        body = await resp.read()
+    except _TIMEOUTS:
+        raise UpstreamTimeout(f"the engine {up.name} did not finish within {s.read_timeout_s:g} s",
+                              "ask for fewer tokens, stream, or raise SWITCHYARD_READ_TIMEOUT_S") from None
+    except aiohttp.ClientError as exc:
+        gw.suspect(up, f"{type(exc).__name__}: {exc}", refused=False)
         raise UpstreamUnavailable(f"the engine {up.name} went away mid-request", "it may be restarting; retry",
-                                  s.retry_after_s)
-    body = read.result()
-    resp.release()
+                                  s.retry_after_s) from None
+    finally:
+        resp.release()  # back to the pool when read to the end; closed otherwise
+    return resp.status, list(resp.headers.items()), body
+
+
+def _answer_whole(gw: Gateway, up: Upstream, route: Route, status: int, upstream_headers: list, body: bytes,
+                  arrived: float) -> Response:
     metrics = gw.metrics.route(route.name, route.mode)
-    headers = response_headers(resp.headers.items(), route.mode, up.name)
-    if resp.status == 200:
+    headers = response_headers(upstream_headers, route.mode, up.name)
+    if status == 200:
         body = model_renamer(route.upstream_model, route.name)(body)
         metrics.usage(usage_of(body))
-    elif "json" not in resp.headers.get("content-type", ""):
-        body = json.dumps(error_body(body.decode(errors="replace")[:2000], "upstream_error", resp.status)).encode()
+    elif "json" not in dict((k.lower(), v) for k, v in upstream_headers).get("content-type", ""):
+        body = json.dumps(error_body(body.decode(errors="replace")[:2000], "upstream_error", status)).encode()
         headers["content-type"] = "application/json"
-    metrics.count(str(resp.status))
+    metrics.count(str(status))
     metrics.latency.observe(time.perf_counter() - arrived)
-    return Response(body, status_code=resp.status, headers=headers)
+    return Response(body, status_code=status, headers=headers)
 
 
 async def _until_disconnect(receive: Receive) -> None:

@@ -159,6 +159,17 @@ def test_client_disconnect_aborts_the_upstream_request(gateway_url, fresh_canned
     assert ups[0]["in_flight"] == 0
 
 
+def test_client_disconnect_aborts_a_plain_request_too(gateway_url, fresh_canned):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway_url.url + "/v1/chat/completions", json={**CHAT, "canned": {"delay_s": 3}},
+                   headers=auth(), timeout=0.5)
+    deadline = time.monotonic() + 5
+    while fresh_canned.aborted == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fresh_canned.aborted == 1  # the engine saw the disconnect long before its 3 s were up
+    assert gateway_url.gateway.in_flight("base") == 0
+
+
 def test_a_route_switch_while_streams_run_loses_none_of_them(gateway_url, fresh_canned):
     n, chunks = 8, 12
     results: list[list[str]] = [[] for _ in range(n)]
