@@ -5,7 +5,7 @@ model's file has and adds one, `"quantization"`:
 
     {"method": "awq", "scheme": "W4A16", "group_size": 128, "format": "pack-quantized",
      "ignore": ["lm_head"], "calibration": {"source": "builtin" | "<path>", "samples": 64,
-     "tokens": 1500, "seq_len": 512}, "libraries": {"llmcompressor": "0.14.0.1", ...},
+     "tokens": 1500, "seq_len": 512, "dtype": "float32"}, "libraries": {"llmcompressor": "0.14.0.1", ...},
      "architecture": "LlamaForCausalLM", "source_model": "<path>", "shards": {"model.safetensors":
      "<sha256>"}, "report": {...QuantizeReport.to_dict()}, "created_at": "<ISO 8601 UTC>"}
 """
@@ -83,6 +83,7 @@ def quantization_record(options, source_model: Path, calibration_source: str, qu
             "samples": quantize_result["samples"],
             "tokens": quantize_result["tokens"],
             "seq_len": options.seq_len,
+            "dtype": quantize_result.get("calibration_dtype"),
         },
         "awq_grid": options.n_grid,
         "architecture": quantize_result.get("architecture"),

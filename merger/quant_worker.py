@@ -87,6 +87,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: on a shared machine, steadier than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_mib() -> float:
     # ru_maxrss is KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -135,6 +141,15 @@ def _load_model(path: str, dtype: str = "auto"):
         raise WorkerFailure("architecture", f"cannot load {arch} as a causal LM: {exc}") from exc
     model.eval()
     return model, arch
+
+
+def _checkpoint_dtype(path: str) -> str | None:
+    """The dtype config.json declares (`dtype`, or the older `torch_dtype`), e.g. "bfloat16"."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def _load_tokenizer(path: str):
@@ -186,7 +201,11 @@ def run_quantize(req: dict) -> dict:
     torch.manual_seed(req.get("seed", 0))
     t0 = time.monotonic()
     emit("stage", stage="load", message=f"loading {req['model']}")
-    model, arch = _load_model(req["model"])
+    saved_dtype = _checkpoint_dtype(req["model"])
+    # CPUs without native bf16/fp16 GEMMs run them several times slower than float32: calibrate in
+    # float32 there and cast back before saving, so the checkpoint keeps its dtype.
+    work_dtype = "float32" if (not torch.accelerator.is_available() and saved_dtype in ("bfloat16", "float16")) else "auto"
+    model, arch = _load_model(req["model"], work_dtype)
     tokenizer = _load_tokenizer(req["model"])
 
     group_size, ignore = int(req["group_size"]), list(req["ignore"])
@@ -233,6 +252,9 @@ def run_quantize(req: dict) -> dict:
                             f"{type(exc).__name__}: {exc}") from exc
 
     emit("stage", stage="save", message=f"writing the compressed checkpoint to {req['out']}")
+    if work_dtype != "auto":
+        model.to(getattr(torch, saved_dtype))
+        model.config.dtype = saved_dtype
     model.save_pretrained(req["out"], save_compressed=True)
     tokenizer.save_pretrained(req["out"])
     wall = time.monotonic() - t0
@@ -241,6 +263,8 @@ def run_quantize(req: dict) -> dict:
         "samples": len(rows),
         "tokens": n_tokens,
         "wall_s": round(wall, 2),
+        "cpu_s": round(cpu_seconds(), 1),
+        "calibration_dtype": "float32" if work_dtype != "auto" else saved_dtype,
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "libraries": _library_versions(),
     }
@@ -341,7 +365,19 @@ def run_prompts(req: dict) -> dict:
 JOBS = {"quantize": run_quantize, "evaluate": run_evaluate, "prompts": run_prompts}
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the driver dies, so a killed `switchyard quantize` leaves no orphan."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str]) -> int:
+    _die_with_parent()
     if len(argv) != 1:
         print("usage: quant_worker.py REQUEST.json", file=sys.stderr)
         return 2

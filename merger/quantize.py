@@ -89,6 +89,7 @@ class QuantizeReport:
     quantize_peak_rss_mib: float
     calibration_samples: int
     calibration_tokens: int
+    quantize_cpu_s: float = 0.0  # user + system CPU seconds of the quantize subprocess
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -110,7 +111,8 @@ class QuantizeReport:
             "full": score(self.full), "quantized": score(self.quantized),
             "accuracy_drop": self.accuracy_drop, "perplexity_ratio": self.perplexity_ratio,
             "size_before_bytes": self.size_before_bytes, "size_after_bytes": self.size_after_bytes,
-            "quantize_wall_s": self.quantize_wall_s, "quantize_peak_rss_mib": self.quantize_peak_rss_mib,
+            "quantize_wall_s": self.quantize_wall_s, "quantize_cpu_s": self.quantize_cpu_s,
+            "quantize_peak_rss_mib": self.quantize_peak_rss_mib,
             "calibration_samples": self.calibration_samples, "calibration_tokens": self.calibration_tokens,
         }
 
@@ -299,7 +301,7 @@ def quantize(model: Path, out: Path | None = None, options: QuantizeOptions = Qu
             full=_score(scores.get("full")), quantized=_score(scores.get("quantized")),
             size_before_bytes=weights_size(model), size_after_bytes=weights_size(tmp),
             quantize_wall_s=q["wall_s"], quantize_peak_rss_mib=q["peak_rss_mib"],
-            calibration_samples=q["samples"], calibration_tokens=q["tokens"],
+            calibration_samples=q["samples"], calibration_tokens=q["tokens"], quantize_cpu_s=q.get("cpu_s", 0.0),
         )
         record = quantization_record(options, model, source, q, report.to_dict(), shard_digests(tmp), clock())
         written = dict(provenance or {})

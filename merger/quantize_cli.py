@@ -44,7 +44,7 @@ def format_report(result) -> str:
     lines = [f"wrote {result.out}",
              f"  weights       {r.size_before_bytes / 2**20:.1f} MiB -> {r.size_after_bytes / 2**20:.1f} MiB "
              f"({r.size_after_bytes / max(r.size_before_bytes, 1):.2f}x)",
-             f"  quantize      {r.quantize_wall_s:.1f} s, peak RSS {r.quantize_peak_rss_mib:.0f} MiB, "
+             f"  quantize      {r.quantize_wall_s:.1f} s wall ({r.quantize_cpu_s:.0f} CPU s), peak RSS {r.quantize_peak_rss_mib:.0f} MiB, "
              f"{r.calibration_samples} samples / {r.calibration_tokens} tokens"]
     if r.full is not None and r.quantized is not None:
         lines.append(f"  accuracy      full {_fmt(r.full.accuracy, '.3f')}  quantized {_fmt(r.quantized.accuracy, '.3f')}  "

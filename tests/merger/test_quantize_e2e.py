@@ -100,6 +100,8 @@ def test_linear_weights_are_packed_int4_and_lm_head_is_not(quantized):
         scale = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
     assert tuple(packed.shape) == (256, 512 // 8)  # eight 4-bit values per int32
     assert tuple(scale.shape) == (256, 512 // 128)  # one scale per group of 128 inputs
+    # calibrated in float32 on CPU, saved in the checkpoint's own dtype
+    assert str(scale.dtype) == "torch.bfloat16" and json.loads((result.out / "config.json").read_text())["dtype"] == "bfloat16"
     assert "lm_head.weight" in names and "lm_head.weight_packed" not in names
     assert result.report.size_after_bytes < 0.5 * result.report.size_before_bytes
 
@@ -113,6 +115,7 @@ def test_provenance_keeps_the_merge_and_adds_quantization(merged, quantized):
     assert (q["method"], q["scheme"], q["group_size"]) == ("awq", "W4A16", 128)
     assert q["calibration"]["source"] == str(merged / "eval.jsonl")  # the adapter's own prompts by default
     assert q["calibration"]["samples"] == 20 and q["calibration"]["tokens"] >= 128
+    assert q["calibration"]["dtype"] == "float32"  # a bf16 model, calibrated in float32 on this CPU
     assert q["libraries"]["llmcompressor"].startswith("0.") and q["libraries"]["compressed-tensors"]
     assert q["shards"] == {"model.safetensors": file_sha256(result.out / "model.safetensors")}
 
@@ -124,7 +127,7 @@ def test_report_compares_full_and_quantized(quantized):
         assert score.heldout_tokens > 100 and 1.0 < score.perplexity < 10 * 320
     # 4-bit weights move a random model's perplexity a little, never not at all and never by much
     assert report.perplexity_ratio != 1.0 and 0.8 < report.perplexity_ratio < 1.25
-    assert report.quantize_wall_s > 0 and report.quantize_peak_rss_mib > 100
+    assert report.quantize_wall_s > 0 and report.quantize_cpu_s > 0 and report.quantize_peak_rss_mib > 100
 
 
 def test_cli_refuses_an_already_quantized_model(quantized, tmp_path):

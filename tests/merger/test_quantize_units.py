@@ -185,7 +185,7 @@ def test_quantization_record_carries_what_the_issue_lists(tmp_path):
         {"samples": 5, "tokens": 600, "architecture": "LlamaForCausalLM", "libraries": {"llmcompressor": "0.14"}},
         {"accuracy_drop": 0.0}, {"model.safetensors": "ff"}, datetime(2026, 1, 2, tzinfo=timezone.utc))
     assert record["method"] == "awq" and record["scheme"] == "W4A16" and record["group_size"] == 128
-    assert record["calibration"] == {"source": "builtin", "samples": 5, "tokens": 600, "seq_len": 512}
+    assert record["calibration"] == {"source": "builtin", "samples": 5, "tokens": 600, "seq_len": 512, "dtype": None}
     assert record["libraries"] == {"llmcompressor": "0.14"} and record["shards"] == {"model.safetensors": "ff"}
     assert record["created_at"] == "2026-01-02T00:00:00+00:00"
 
