@@ -124,7 +124,7 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
     nonzero = int((Bs != 0).any(dim=1).sum()) * int((A != 0).any(dim=0).sum())
     same = _count_equal(out, base if base.dtype == out_dtype else base.to(out_dtype))
     vanished = max(0, same - (numel - nonzero))
-    err = torch.linalg.vector_norm(out.to(compute) - w).item()
+    err = torch.linalg.vector_norm(out - w).item()  # promotes in one kernel, no upcast copy
     dnorm = float(torch.sqrt(torch.clamp(torch.trace((Bs.T @ Bs) @ (A @ A.T)), min=0)))
     wnorm = torch.linalg.vector_norm(w).item()
     if task.src_dtype == task.out_dtype:
