@@ -21,6 +21,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from gateway import admin
@@ -81,6 +82,8 @@ class _HotPaths:
             response = await handle_completion(self.gw, request, kind)
         except GatewayError as exc:
             response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+        except ClientDisconnect:
+            return  # gone while sending its body: nothing reached an engine, nobody to answer
         await response(scope, receive, send)
 
 

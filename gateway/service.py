@@ -59,6 +59,7 @@ class Gateway:
         self._session_factory = session_factory or default_session
         self._client: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task | None = None
+        self._probes: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         self._base_shapes: dict[Path, dict[str, tuple[int, int]]] = {}
         self.created = int(time.time())
 
@@ -84,6 +85,9 @@ class Gateway:
             except asyncio.CancelledError:
                 pass
             self._health_task = None
+        for task in list(self._probes):
+            task.cancel()
+        await asyncio.gather(*self._probes, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -188,7 +192,12 @@ class Gateway:
             up.mark_down(error)
             self.metrics.upstream_healthy.labels(up.name).set(0)
         if self._client is not None:
-            asyncio.get_running_loop().create_task(self._probe(up))
+            self._spawn_probe(up)
+
+    def _spawn_probe(self, up: Upstream) -> None:
+        task = asyncio.get_running_loop().create_task(self._probe(up))
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
 
     async def _probe_loop(self) -> None:
         s = self.settings
@@ -200,7 +209,7 @@ class Gateway:
                 period = s.down_probe_interval_s if up.state != "healthy" else s.health_interval_s
                 if up.last_probe_at is None or now - up.last_probe_at >= period:
                     up.last_probe_at = now  # claims the slot before the probe runs
-                    asyncio.create_task(self._probe(up))
+                    self._spawn_probe(up)
 
     # --- runtime adapters -------------------------------------------------------------------------
     def _shapes(self, up: Upstream) -> dict[str, tuple[int, int]]:

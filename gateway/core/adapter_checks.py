@@ -16,7 +16,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -169,7 +169,3 @@ def check_adapter(cfg: AdapterConfig, tensors: Mapping[str, TensorInfo],
             raise AdapterRejected(f"{module!r} has rank {a[0]}, above the engine's max_lora_rank {max_lora_rank}",
                                   "retrain with a smaller r, raise engine.max_lora_rank, or merge it instead")
     return AdapterSummary(rank=max(ranks), modules=tuple(sorted(pairs)), tensors=len(tensors))
-
-
-def describe(cfg: AdapterConfig) -> dict[str, Any]:
-    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.target_modules}
