@@ -87,13 +87,44 @@ def loadtest(
 def swap(
     name: str = typer.Argument(..., help="Stable model name to keep under load."),
     config: Path = typer.Option(..., "--config", help="The deployment file (switchyard.toml)."),
+    url: Optional[str] = typer.Option(None, "--url", help="Gateway URL [default: from the config]."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SWITCHYARD_API_KEY", help="Client key for the gateway."),
+    concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight throughout."),
+    settle: float = typer.Option(10.0, "--settle", help="Seconds of load before, between and after the switches."),
+    window: float = typer.Option(5.0, "--window", help="Seconds each side of a switch to compare latency over."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="awq or none [default: the config's]."),
+    input_len: int = typer.Option(64, "--input-len", help="Synthetic prompt length, tokens (about)."),
+    max_tokens: int = typer.Option(32, "--max-tokens", help="Fixed output length (ignore_eos)."),
+    endpoint: str = typer.Option("completions", "--endpoint", help="completions or chat."),
+    out: Path = typer.Option(Path("swap-report"), "--out", help="Report folder (replaced if it exists)."),
 ) -> None:
-    """Steady load on NAME while a promote and then a rollback run (needs `switchyard serve`)."""
-    raise LoadTestError(
-        f"`loadtest swap {name}` is not implemented yet: it drives promote/rollback through the "
-        "gateway's admin API, which deploy provides",
-        "meanwhile run `switchyard loadtest --url <gateway> --model NAME --duration S` while promoting by hand",
-    )
+    """Steady load on NAME while a promote and then a rollback run; fails if any request failed."""
+    import getpass
+
+    from rich.console import Console
+
+    from deploy.client import AdminClient
+    from loadtests.client import normalize_url
+    from loadtests.swap import SwapOptions, execute_swap
+    from switchyard.config import load_config
+
+    if quantize not in (None, "awq", "none"):
+        raise LoadTestError(f"--quantize {quantize!r} is unknown", "use awq or none")
+    if concurrency < 1 or settle < 0 or window <= 0:
+        raise LoadTestError("--concurrency must be >= 1, --settle >= 0 and --window > 0", "fix the option")
+    cfg = load_config(config)
+    admin = AdminClient(cfg, url)
+    opts = SwapOptions(name=name, url=normalize_url(admin.url), out=out, api_key=api_key,
+                       concurrency=concurrency, settle_s=settle, window_s=window, input_len=input_len,
+                       max_tokens=max_tokens, endpoint=endpoint,
+                       promote_body=(("quantize", quantize),) if quantize else (),
+                       actor=f"loadtest-swap:{getpass.getuser()}")
+    try:
+        execute_swap(opts, admin, Console(stderr=True))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    finally:
+        admin.close()
 
 
 def register(app: typer.Typer) -> None:

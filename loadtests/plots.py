@@ -117,3 +117,28 @@ def _save(plt, fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_timeline(report: dict[str, Any], path: Path) -> Path:
+    """Swap timeline: each request's E2E and TTFT at its start time, failures marked, switches drawn."""
+    plt = _plt()
+    reqs = report["requests"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ok = [r for r in reqs if r["error"] is None and r["first_token"] is not None]
+    bad = [r for r in reqs if r not in ok]
+    ax.scatter([r["start"] for r in ok], [1000 * (r["end"] - r["start"]) for r in ok], s=6, label="E2E")
+    ax.scatter([r["start"] for r in ok], [1000 * (r["first_token"] - r["start"]) for r in ok], s=6, label="TTFT")
+    if bad:
+        ax.scatter([r["start"] for r in bad], [1000 * (r["end"] - r["start"]) for r in bad], s=30,
+                   marker="x", color="red", label=f"failed ({len(bad)})")
+    for i, ev in enumerate(report["events"]):
+        color = f"C{i + 2}"
+        ax.axvspan(ev["start"], ev["end"], color=color, alpha=0.12)
+        if ev["switched_at"] is not None:
+            ax.axvline(ev["switched_at"], color=color, linestyle="--", label=f"{ev['action']} switch")
+    ax.set_xlabel("request start (s since the load began)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"{report['name']}: steady load through promote and rollback (shaded: admin call running)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(plt, fig, path)
