@@ -6,6 +6,7 @@ A request steers it through an optional `"canned"` object in its body (the gatew
     chunks (8)  chunk_delay_s (0)  status (200; others answer an OpenAI error body)
     fail_after (drop the connection after N chunks)  hang_after (stop sending after N chunks)
     truncate_after (end the stream cleanly after N chunks, without [DONE])
+    end_delay_s (end the body that long after [DONE], in its own write, as vLLM does)
 It records every request it saw (`records`) and every stream its client abandoned (`aborted`).
 
 Run alone: `python -m gateway.canned --port 9100`.
@@ -136,7 +137,11 @@ class CannedUpstream:
                                                 "model": req["model"], "choices": [],
                                                 "usage": {"prompt_tokens": 3, "completion_tokens": n,
                                                           "total_tokens": 3 + n}}, separators=(",", ":")).encode() + b"\n\n"
-            await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
+            end_delay = float(opts.get("end_delay_s", 0))  # vLLM ends the chunked body in a later write
+            await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": bool(end_delay)})
+            if end_delay:
+                await asyncio.sleep(end_delay)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             self.completed += 1
         finally:
             watcher.cancel()

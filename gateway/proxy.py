@@ -181,12 +181,14 @@ class _ProxyStream(Response):
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.gone = False
+        self.gone = False  # the client left before its answer was complete
+        self.answered = False  # the client has its whole answer
 
         async def watch() -> None:
-            await _until_disconnect(receive)
-            self.gone = True
-            self.resp.close()  # drops the engine's connection (vLLM aborts) and wakes the pump
+            await _until_disconnect(receive)  # also returns once the response is complete
+            if not self.answered:
+                self.gone = True
+                self.resp.close()  # drops the engine's connection (vLLM aborts) and wakes the pump
 
         watcher = asyncio.ensure_future(watch())
         outcome = "499"
@@ -206,10 +208,16 @@ class _ProxyStream(Response):
             m.latency.observe(time.perf_counter() - self.arrived)
 
     async def _drain_upstream(self) -> None:
-        """Read the engine's end of body after [DONE], so its connection goes back to the pool."""
-        try:
+        """Read the engine's end of body after [DONE] (at most 2 s), so its connection goes back to
+        the pool; what is left unread closes it instead."""
+        async def drain() -> None:
             async for _ in self.resp.content.iter_any():
                 pass
+
+        if self.resp.content.is_eof():
+            return
+        try:
+            await asyncio.wait_for(drain(), 2.0)
         except (aiohttp.ClientError, *_TIMEOUTS):
             pass  # the client has its whole answer; a broken tail only costs the pooled connection
 
@@ -237,6 +245,7 @@ class _ProxyStream(Response):
                         first = False
                         metrics.ttft.observe(time.perf_counter() - self.arrived)
                     if done and not framer.pending():  # [DONE] seen: end the response in the same write
+                        self.answered = True
                         await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
                         await self._drain_upstream()
                         return "200"
@@ -257,5 +266,6 @@ class _ProxyStream(Response):
             status, message = failure
             await send({"type": "http.response.body", "more_body": True,
                         "body": sse_error_event(message + "; the response is incomplete", "upstream_error", status)})
+        self.answered = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return str(failure[0]) if failure else "200"

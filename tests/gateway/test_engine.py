@@ -84,6 +84,8 @@ def test_streaming_matches_the_whole_answer(gw_server):
     assert with_usage[-1].usage.completion_tokens == 5
     metrics = httpx.get(gw_server.url + "/metrics").text
     assert f'switchyard_completion_tokens_total{{mode="adapter",route="{name}"}}' in metrics
+    assert f'switchyard_requests_total{{mode="adapter",route="{name}",status="200"}}' in metrics
+    assert f'route="{name}",status="499"' not in metrics  # finished streams are not counted as abandoned
 
 
 def test_errors_and_keys(gw_server):

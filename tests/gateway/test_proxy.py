@@ -68,6 +68,18 @@ def test_usage_chunk_is_requested_upstream_and_stripped_unless_asked(gateway_url
     assert "switchyard_time_to_first_token_seconds_bucket" in metrics
 
 
+def test_a_stream_counts_as_complete_when_the_engine_ends_its_body_late(gateway_url, fresh_canned):
+    body = {**CHAT, "model": "canned-base", "stream": True, "canned": {"chunks": 3, "end_delay_s": 0.3}}
+    for _ in range(2):
+        r = httpx.post(gateway_url.url + "/v1/chat/completions", json=body, headers=auth())
+        assert events_of(r.text)[-1] == "[DONE]"
+    time.sleep(0.5)
+    metrics = httpx.get(gateway_url.url + "/metrics").text
+    assert 'switchyard_requests_total{mode="base",route="canned-base",status="200"} 2.0' in metrics
+    assert 'status="499"' not in metrics
+    assert fresh_canned.completed == 2 and fresh_canned.aborted == 0
+
+
 def test_hop_by_hop_headers_and_the_client_key_never_reach_the_engine(gateway_url, fresh_canned):
     headers = {**auth(), "Connection": "keep-alive, X-Private", "X-Private": "1", "Keep-Alive": "timeout=5",
                "TE": "trailers", "Proxy-Authorization": "x", "X-Request-Id": "req-42"}
