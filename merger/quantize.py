@@ -233,6 +233,19 @@ def _eval_items(model: Path, options: QuantizeOptions, provenance: dict | None) 
     return items[: options.eval_limit]
 
 
+def _heldout(options: QuantizeOptions) -> list[dict]:
+    path = Path(options.heldout or BUILTIN_HELDOUT)
+    if not path.is_file():
+        raise QuantizeError(f"held-out file {path} does not exist", "pass --heldout FILE.jsonl of texts or chat messages")
+    try:
+        samples = load_samples(path)
+    except CalibrationFormatError as exc:
+        raise QuantizeError(f"held-out file: {exc}", "each line: {\"text\": ...} or {\"messages\": [...]}") from exc
+    if not samples:
+        raise QuantizeError(f"held-out file {path} is empty", "pass a JSONL of texts, or leave --heldout out")
+    return samples
+
+
 def _score(d: dict | None) -> ModelScore | None:
     if d is None:
         return None
@@ -268,7 +281,7 @@ def quantize(model: Path, out: Path | None = None, options: QuantizeOptions = Qu
         raise QuantizeError("--out is the input model folder", "write the quantized checkpoint to a new folder")
     source, samples = _calibration(model, options, provenance)
     eval_items = _eval_items(model, options, provenance) if options.evaluate else []
-    heldout = load_samples(options.heldout or BUILTIN_HELDOUT) if options.evaluate else []
+    heldout = _heldout(options) if options.evaluate else []
     log_path = options.log_path or out.parent / f"{out.name}.quantize.log"
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +309,8 @@ def quantize(model: Path, out: Path | None = None, options: QuantizeOptions = Qu
                 "eval": str(work / "eval.jsonl"), "heldout": str(work / "heldout.jsonl"),
                 "seq_len": options.seq_len,
             }, work, log_path, progress, options.timeout_s)
-            (work / "answers.json").write_text(json.dumps(scores, indent=1))
+            # every eval answer of both models, for reading a surprising accuracy delta
+            (tmp / "quantize_eval.json").write_text(json.dumps(scores, indent=1))
         report = QuantizeReport(
             full=_score(scores.get("full")), quantized=_score(scores.get("quantized")),
             size_before_bytes=weights_size(model), size_after_bytes=weights_size(tmp),

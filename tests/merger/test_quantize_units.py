@@ -228,6 +228,15 @@ def test_calibration_missing_or_empty(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "m"]
 
 
+def test_heldout_missing_or_empty(tmp_path):
+    model = _model_folder(tmp_path / "m")
+    with pytest.raises(QuantizeError, match="held-out file .* does not exist"):
+        quantize(model, tmp_path / "out", QuantizeOptions(heldout=tmp_path / "none.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(QuantizeError, match="held-out file .* is empty"):
+        quantize(model, tmp_path / "out", QuantizeOptions(heldout=tmp_path / "empty.jsonl"))
+
+
 def test_existing_output_needs_force(tmp_path):
     model = _model_folder(tmp_path / "m")
     (tmp_path / "out").mkdir()
