@@ -6,6 +6,7 @@ float32), plus the unmerged copy DoRA needs for its norms.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -102,36 +103,51 @@ def _is_plain_lora(task: TensorTask) -> bool:
             and not task.nf4)
 
 
+CHUNK_ELEMENTS = 1 << 19  # ~2 MiB of float32 per chunk: stays in cache between the passes
+
+
 def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_dtype: torch.dtype):
-    """The common case (one LoRA delta) in as few passes over W as possible: the delta is fused
-    into the weight by one addmm and never materialised; its norm and nonzero count come from the
-    factors (||s B A||^2 = s^2 tr(B^T B A A^T)); nonzero entries are the products of nonzero rows of
-    B and nonzero columns of A, exact unless entries cancel by accident)."""
+    """The common case (one LoRA delta), row chunk by row chunk: each chunk is upcast, gets its rows
+    of s*B@A by one addmm, is checked, rounded into the output and measured while still in cache,
+    so the float32 copy of W never exists whole (memory: the output plus one chunk). The delta's
+    norm comes from the factors (||s B A||^2 = s^2 tr(B^T B A A^T)); its nonzero entries are the
+    products of nonzero rows of B and nonzero columns of A (exact unless entries cancel by accident)."""
     mod = task.steps[0].module
     A = mod.A.to(device=base.device, dtype=compute)
     Bs = mod.B.to(device=base.device, dtype=compute) * mod.scaling
-    w = base.to(compute)
-    w = w.clone() if w.data_ptr() == base.data_ptr() else w  # float32 bases alias the read-only map
-    if mod.kind == "embedding" or mod.fan_in_fan_out:
-        w.addmm_(A.T, Bs.T)  # (B A)^T = A^T B^T
-    else:
-        w.addmm_(Bs, A)
-    if not all_finite(w):
-        raise NonFiniteError(f"merged tensor {task.name} has NaN/Inf values",
-                             "the adapter or base is broken (check its training run); nothing was written")
-    out = w.to(out_dtype)
-    numel = w.numel()
+    left, right = (A.T, Bs.T) if (mod.kind == "embedding" or mod.fan_in_fan_out) else (Bs, A)  # W += left @ right
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, base.shape[1]))
+    norm = torch.linalg.vector_norm
+    err2 = w2 = 0.0
+    same = 0
+    realised2 = 0.0
+    for s in range(0, base.shape[0], rows):
+        b = base[s:s + rows]
+        c = b.to(compute)
+        if c.data_ptr() == b.data_ptr():
+            c = c.clone()  # float32 bases alias the read-only map
+        c.addmm_(left[s:s + rows], right)
+        cn = norm(c).item()
+        if not math.isfinite(cn) and not bool(torch.isfinite(c).all()):
+            raise NonFiniteError(f"merged tensor {task.name} has NaN/Inf values",
+                                 "the adapter or base is broken (check its training run); nothing was written")
+        o = out[s:s + rows]
+        o.copy_(c)
+        ref = b if b.dtype == out_dtype else b.to(out_dtype)
+        same += _count_equal(o, ref)
+        e = norm(o - c).item()
+        err2 += e * e
+        w2 += cn * cn
+        if task.src_dtype != task.out_dtype:
+            r = norm((o.to(compute) - ref.to(compute)) - (c - b.to(compute))).item()
+            realised2 += r * r
+    numel = base.numel()
     nonzero = int((Bs != 0).any(dim=1).sum()) * int((A != 0).any(dim=0).sum())
-    same = _count_equal(out, base if base.dtype == out_dtype else base.to(out_dtype))
     vanished = max(0, same - (numel - nonzero))
-    err = torch.linalg.vector_norm(out - w).item()  # promotes in one kernel, no upcast copy
     dnorm = float(torch.sqrt(torch.clamp(torch.trace((Bs.T @ Bs) @ (A @ A.T)), min=0)))
-    wnorm = torch.linalg.vector_norm(w).item()
-    if task.src_dtype == task.out_dtype:
-        realised = err
-    else:
-        ref = base.to(out_dtype).to(compute)
-        realised = torch.linalg.vector_norm((out.to(compute) - ref) - (w - base.to(compute))).item()
+    err, wnorm = math.sqrt(err2), math.sqrt(w2)
+    realised = err if task.src_dtype == task.out_dtype else math.sqrt(realised2)
     stats = TensorStats(task.name, numel, nonzero, vanished, err / wnorm if wnorm else 0.0,
                         realised / dnorm if dnorm else 0.0)
     return out.cpu(), stats
