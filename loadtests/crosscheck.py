@@ -33,6 +33,12 @@ METRICS = ("request_throughput", "output_throughput", "total_token_throughput", 
            "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms")
 
 
+def run_seed(args, concurrency: int, rep: int) -> int:
+    """Fresh prompts for every run (vLLM's prefix cache would otherwise serve repeats), the same
+    for both tools."""
+    return args.seed + 1000 * rep + concurrency
+
+
 def vllm_command(args, concurrency: int, result_dir: Path, rep: int) -> list[str]:
     return [sys.executable, "-c", VLLM_BENCH,
             "--backend", "openai", "--base-url", args.url, "--endpoint", "/v1/completions",
@@ -40,16 +46,16 @@ def vllm_command(args, concurrency: int, result_dir: Path, rep: int) -> list[str
             "--dataset-name", "random", "--random-input-len", str(args.input_len),
             "--random-output-len", str(args.output_len), "--random-range-ratio", "0",
             "--ignore-eos", "--num-prompts", str(args.num_prompts), "--max-concurrency", str(concurrency),
-            "--num-warmups", str(args.warmup), "--seed", str(args.seed),
+            "--num-warmups", str(args.warmup), "--seed", str(run_seed(args, concurrency, rep)),
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
             "--save-result", "--result-dir", str(result_dir), "--result-filename", f"vllm-c{concurrency}-r{rep}.json"]
 
 
-def switchyard_command(args, concurrency: int, out: Path) -> list[str]:
+def switchyard_command(args, concurrency: int, out: Path, rep: int) -> list[str]:
     return [sys.executable, "-m", "switchyard.cli", "loadtest", "--url", args.url, "--model", args.model,
             "--concurrency", str(concurrency), "--requests", str(args.num_prompts), "--rounds", "1",
             "--warmup", str(args.warmup), "--input-len", str(args.input_len),
-            "--output-len", str(args.output_len), "--seed", str(args.seed), "--no-plots", "--out", str(out)]
+            "--output-len", str(args.output_len), "--seed", str(run_seed(args, concurrency, rep)), "--no-plots", "--out", str(out)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[c] = ([], [])
         for rep in range(args.repeats):
             runs = [("vllm", vllm_command(args, c, args.out, rep)),
-                    ("switchyard", switchyard_command(args, c, args.out / f"switchyard-c{c}-r{rep}"))]
+                    ("switchyard", switchyard_command(args, c, args.out / f"switchyard-c{c}-r{rep}", rep))]
             for tool, cmd in runs if rep % 2 == 0 else runs[::-1]:
                 shown = cmd[:2] + ["<vllm bench serve>"] + cmd[3:] if tool == "vllm" else cmd
                 print("$", " ".join(shown), file=sys.stderr, flush=True)

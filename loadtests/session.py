@@ -184,8 +184,10 @@ def _prompts(opts: LoadTestOptions, ratios: dict[str, float]) -> list[str]:
         return read_prompts(opts.prompts_file)
     # size words by the baseline target's tokenizer (the first), so every target gets the same text
     per_word = ratios.get(opts.targets[0].label, 1.0)
+    # enough distinct prompts that no level repeats another's (see workload.plan); a --duration
+    # run cycles through 256 per level
     per_level = opts.requests if opts.requests is not None else 256
-    n = max(1, min(1024, opts.warmup + per_level))
+    n = max(1, min(8192, len(opts.levels) * (opts.warmup + per_level)))
     return synthetic_prompts(n, opts.input_len or 128, opts.seed, tokens_per_word=per_word)
 
 

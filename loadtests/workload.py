@@ -176,12 +176,15 @@ def plan(targets: Sequence[str], levels: Sequence[LoadLevel], prompts: Sequence[
     random.Random(seed).shuffle(order)
     batches: list[Batch] = []
     for li, level in enumerate(levels):
+        # each level starts further into the pool, so a large enough pool never repeats a prompt
+        # (a repeat would be served from vLLM's prefix cache)
+        level_start = li * (warmup + (requests or 0))
         if warmup > 0:
             for t in targets:
-                batches.append(_batch(t, level, -1, order, 0, warmup, None, seed + li))
+                batches.append(_batch(t, level, -1, order, level_start, warmup, None, seed + li))
         counts = split_evenly(requests, rounds) if requests is not None else [None] * rounds
         budget = duration_s / rounds if duration_s is not None else None
-        offset = warmup
+        offset = level_start + warmup
         for k in range(rounds):
             rotated = list(targets[k % len(targets):]) + list(targets[: k % len(targets)])
             for t in rotated:

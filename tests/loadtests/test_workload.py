@@ -72,3 +72,14 @@ def test_plan_rate_and_duration():
     assert batches[0].arrivals == (0.0, 0.2, 0.4, 0.6, 0.8)
     with pytest.raises(WorkloadError):
         plan(["A"], levels, ["x"], requests=3, duration_s=2.0, rounds=2, warmup=0, seed=0)
+
+
+def test_levels_use_fresh_prompts_when_the_pool_allows():
+    levels = parse_levels("1,2", None, False)
+    prompts = [f"p{i}" for i in range(2 * (1 + 4))]
+    batches = plan(["A"], levels, prompts, requests=4, duration_s=None, rounds=2, warmup=1, seed=0)
+    used = {lv.label: set() for lv in levels}
+    for b in batches:
+        used[b.level.label].update(b.prompts[: (b.count or 0)])
+    assert used["concurrency=1"].isdisjoint(used["concurrency=2"])
+    assert len(used["concurrency=1"]) == 5
