@@ -180,6 +180,19 @@ def _linear_in_features(model, ignore: list[str]) -> dict[str, int]:
     }
 
 
+def _check_awq_handles(model, arch: str, ignore: list[str]) -> None:
+    """Refuse models AWQ would pass through untouched: llm-compressor warns and writes them unchanged."""
+    from llmcompressor.modifiers.transform.awq import get_layer_mappings_from_model
+
+    if not _linear_in_features(model, ignore):
+        raise WorkerFailure("architecture", f"{arch} has no torch.nn.Linear layers left to quantize "
+                            "(it uses other layer types, e.g. GPT-2's Conv1D, or --ignore covers them all)")
+    smooth = [m.smooth_layer for m in get_layer_mappings_from_model(model)]
+    if not any(matches_ignore(name, smooth) for name, _ in model.named_modules()):
+        raise WorkerFailure("architecture", f"llm-compressor's AWQ has no layer mapping for {arch}: none of "
+                            f"its smoothing layers ({', '.join(smooth[:3])}, ...) exist in the model")
+
+
 def _build_recipe(scheme: str, group_size: int, ignore: list[str], n_grid: int):
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -209,6 +222,7 @@ def run_quantize(req: dict) -> dict:
     tokenizer = _load_tokenizer(req["model"])
 
     group_size, ignore = int(req["group_size"]), list(req["ignore"])
+    _check_awq_handles(model, arch, ignore)
     bad = indivisible_layers(_linear_in_features(model, ignore), group_size)
     if bad:
         listed = ", ".join(f"{n} (in_features={k})" for n, k in bad[:4])

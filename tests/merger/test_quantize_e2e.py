@@ -164,6 +164,18 @@ def test_architecture_transformers_cannot_load(tmp_path):
     assert "llm-compressor's AWQ knows" in info.value.hint
 
 
+def test_architecture_awq_would_pass_through_untouched(tmp_path, merged):
+    """GPT-2 loads, but its Conv1D layers are no Linear: llm-compressor alone would write it unchanged."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    model = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=1, n_head=2, vocab_size=320, n_positions=128)).save_pretrained(model)
+    PreTrainedTokenizerFast.from_pretrained(merged).save_pretrained(model)
+    with pytest.raises(QuantizeError, match="GPT2LMHeadModel has no torch.nn.Linear layers"):
+        quantize(model, tmp_path / "q", QuantizeOptions(evaluate=False))
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.engine
 def test_vllm_serves_the_quantized_checkpoint(quantized, tmp_path):
     from deploy.engines import Engine, EngineLaunch, free_port
