@@ -284,21 +284,36 @@ def run_quantize(req: dict) -> dict:
     }
 
 
-def _answer(model, tokenizer, prompt: str, expected: str, extra_tokens: int) -> str:
+def _answers(model, tokenizer, items: list[dict], extra_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy replies to each item's prompt as a user turn (chat template), batched with left padding.
+
+    The budget is the longest expected answer plus `extra_tokens`: room to show a wrong, longer reply."""
     import torch
 
-    messages = [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")
-    budget = len(tokenizer(expected, add_special_tokens=False)["input_ids"]) + extra_tokens
-    with torch.no_grad():
-        out = model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
-                             max_new_tokens=budget, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    if not items:
+        return []
+    budget = max(len(tokenizer(i["expected"], add_special_tokens=False)["input_ids"]) for i in items) + extra_tokens
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    replies: list[str] = []
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            if getattr(tokenizer, "chat_template", None):
+                texts = [tokenizer.apply_chat_template([{"role": "user", "content": i["prompt"]}],
+                                                       add_generation_prompt=True, tokenize=False) for i in chunk]
+            else:
+                texts = [i["prompt"] for i in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=budget, do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = old_side
+    return replies
 
 
 def _perplexity(model, tokenizer, texts: list[str], seq_len: int) -> tuple[float, int]:
@@ -323,8 +338,7 @@ def evaluate_model(path: str, eval_items: list[dict], heldout: list[dict], seq_l
     model, _ = _load_model(path)
     tokenizer = _load_tokenizer(path)
     correct, answers = 0, []
-    for item in eval_items:
-        got = _answer(model, tokenizer, item["prompt"], item["expected"], extra_tokens)
+    for item, got in zip(eval_items, _answers(model, tokenizer, eval_items, extra_tokens), strict=True):
         ok = exact_match(got, item["expected"])
         correct += ok
         answers.append({"prompt": item["prompt"], "expected": item["expected"], "got": got, "ok": ok})
