@@ -28,7 +28,8 @@ try:
     HAVE_QUANT = True
 except QuantizeError:
     HAVE_QUANT = False
-pytestmark = pytest.mark.skipif(not HAVE_QUANT, reason=".venv-quant is missing (run `make setup`)")
+pytestmark = [pytest.mark.skipif(not HAVE_QUANT, reason=".venv-quant is missing (run `make setup`)"),
+              pytest.mark.slow]
 
 
 def build_tiny_llama(path: Path, hidden: int = 256, intermediate: int = 512, layers: int = 2) -> Path:
