@@ -9,6 +9,7 @@ The base shards' sha256 is computed from the same bytes as they stream past, in 
 from __future__ import annotations
 
 import hashlib
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,30 @@ class _StreamHasher:
         return self.h.hexdigest() if self.ok and self.pos == self.size else None
 
 
+class _BufferPool:
+    """Output buffers handed back after their tensor is written, so merged tensors reuse memory
+    that is already mapped (at most `depth` buffers exist)."""
+
+    def __init__(self) -> None:
+        self._free: list = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int):
+        import torch
+
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if b.numel() >= nbytes:
+                    return self._free.pop(i)
+            if self._free:
+                self._free.pop(0)  # too small: let it go, allocate a larger one
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, buf) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
 @dataclass(frozen=True)
 class ExecutionResult:
     stats: tuple  # TensorStats of every merged tensor
@@ -58,18 +83,23 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
     hashers = {s.path: _StreamHasher(readers[s.path], s.data_start, s.size) for s in ckpt.shards} if hash_base else {}
     stats = []
     written = 0
+    buffers = _BufferPool()
 
     def work(task: TensorTask):
         info = ckpt.tensors[task.source]
         view = readers[info.shard].view(info)
         if task.passthrough and task.src_dtype == task.out_dtype:
-            return view, None  # bytes straight from the map
+            return view, None, None  # bytes straight from the map
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer on a read-only map: we never write to it
             base = torch.frombuffer(view, dtype=ST_TO_TORCH[task.src_dtype]) if info.nbytes else \
                 torch.empty(0, dtype=ST_TO_TORCH[task.src_dtype])
-        out, st = run_task(task, base.reshape(task.shape), compute=compute, device=device)
-        return out.contiguous().reshape(-1).view(torch.uint8).numpy(), st
+        buf = buffers.take(info.numel * 8) if task.steps else None
+        out, st = run_task(task, base.reshape(task.shape), compute=compute, device=device, out_buffer=buf)
+        if buf is not None and out.data_ptr() != buf.data_ptr():
+            buffers.give(buf)  # not used
+            buf = None
+        return out.contiguous().reshape(-1).view(torch.uint8).numpy(), st, buf
 
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
@@ -81,7 +111,7 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
                     break
             while pending:
                 task, fut = pending.popleft()
-                data, st = fut.result()
+                data, st, buf = fut.result()
                 info = ckpt.tensors[task.source]
                 writer.write(task.name, data)
                 if hash_base and task.name == task.source:
@@ -90,6 +120,8 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
                 if st is not None:
                     stats.append(st)
                 del data
+                if buf is not None:
+                    buffers.give(buf)
                 readers[info.shard].release(info.begin, info.end)
                 on_tensor(task, info.nbytes)
                 nxt = next(tasks, None)

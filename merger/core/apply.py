@@ -7,6 +7,7 @@ float32), plus the unmerged copy DoRA needs for its norms.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,14 +45,17 @@ class TensorStats:
 
 
 def run_task(task: TensorTask, base: torch.Tensor, compute: torch.dtype = torch.float32,
-             device: str = "cpu") -> tuple[torch.Tensor, Optional[TensorStats]]:
-    """`base` in the task's source dtype -> (output in the task's out dtype, stats or None)."""
+             device: str = "cpu", out_buffer: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[TensorStats]]:
+    """`base` in the task's source dtype -> (output in the task's out dtype, stats or None).
+
+    `out_buffer` (uint8, optional) may hold the output of the common single-LoRA case; the caller
+    must not reuse it before it is done with the returned tensor."""
     out_dtype = ST_TO_TORCH[task.out_dtype]
     if task.passthrough:
         return (base if base.dtype == out_dtype else base.to(out_dtype)), None
     base = base.to(device)
     if _is_plain_lora(task):
-        return _plain_lora(task, base, compute, out_dtype)
+        return _plain_lora(task, base, compute, out_dtype, out_buffer)
     w_ref = base.to(compute)  # the weight as stored, for the rounding-loss statistics
     nf4_err = None
     if task.nf4:
@@ -104,9 +108,23 @@ def _is_plain_lora(task: TensorTask) -> bool:
 
 
 CHUNK_ELEMENTS = 1 << 19  # ~2 MiB of float32 per chunk: stays in cache between the passes
+_scratch = threading.local()
 
 
-def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_dtype: torch.dtype):
+def _scratch_buffers(dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two reusable chunk buffers per thread: allocating fresh ones for every chunk costs a page
+    fault per 4 KiB (large allocations are mmapped), which dominated the merge's system time."""
+    key = (dtype, str(device))
+    bufs = getattr(_scratch, "bufs", {})
+    if key not in bufs:
+        bufs[key] = (torch.empty(CHUNK_ELEMENTS * 2, dtype=dtype, device=device),
+                     torch.empty(CHUNK_ELEMENTS * 2, dtype=dtype, device=device))
+        _scratch.bufs = bufs
+    return bufs[key]
+
+
+def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_dtype: torch.dtype,
+                out_buffer: Optional[torch.Tensor] = None):
     """The common case (one LoRA delta), row chunk by row chunk: each chunk is upcast, gets its rows
     of s*B@A by one addmm, is checked, rounded into the output and measured while still in cache,
     so the float32 copy of W never exists whole (memory: the output plus one chunk). The delta's
@@ -116,17 +134,22 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
     A = mod.A.to(device=base.device, dtype=compute)
     Bs = mod.B.to(device=base.device, dtype=compute) * mod.scaling
     left, right = (A.T, Bs.T) if (mod.kind == "embedding" or mod.fan_in_fan_out) else (Bs, A)  # W += left @ right
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
-    rows = max(1, CHUNK_ELEMENTS // max(1, base.shape[1]))
+    nbytes = base.numel() * torch.empty((), dtype=out_dtype).element_size()
+    if out_buffer is not None and out_buffer.numel() >= nbytes and base.device.type == "cpu":
+        out = out_buffer[:nbytes].view(out_dtype).view(base.shape)  # reused: no fresh pages to fault in
+    else:
+        out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    cols = max(1, base.shape[1])
+    rows = max(1, CHUNK_ELEMENTS // cols)
+    work, diff = _scratch_buffers(compute, base.device)
     norm = torch.linalg.vector_norm
     err2 = w2 = 0.0
     same = 0
     realised2 = 0.0
     for s in range(0, base.shape[0], rows):
         b = base[s:s + rows]
-        c = b.to(compute)
-        if c.data_ptr() == b.data_ptr():
-            c = c.clone()  # float32 bases alias the read-only map
+        c = work[: b.numel()].view(b.shape)
+        c.copy_(b)  # upcast (and a private copy: float32 bases alias the read-only map)
         c.addmm_(left[s:s + rows], right)
         cn = norm(c).item()
         if not math.isfinite(cn) and not bool(torch.isfinite(c).all()):
@@ -136,7 +159,9 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
         o.copy_(c)
         ref = b if b.dtype == out_dtype else b.to(out_dtype)
         same += _count_equal(o, ref)
-        e = norm(o - c).item()
+        d = diff[: b.numel()].view(b.shape)
+        d.copy_(o)
+        e = norm(d.sub_(c)).item()
         err2 += e * e
         w2 += cn * cn
         if task.src_dtype != task.out_dtype:
