@@ -4,10 +4,10 @@ Two modes, one JSON line per model on stdout (append them to a results file; doc
 "Quantize" quotes them with this command line):
 
   random Llama-shaped checkpoints (time and memory only: random weights say nothing about accuracy)
-    .venv/bin/python scripts/bench_quantize.py random --shape demo|tinyllama-1.1b [--layers N] [--samples 16 --seq-len 128]
+    .venv/bin/python benchmarks/quantize.py random --shape demo|tinyllama-1.1b [--layers N] [--samples 16 --seq-len 128]
 
   the demo's trained adapters, each merged (`merger.api.merge`) then quantized; accuracy on its eval set
-    .venv/bin/python scripts/bench_quantize.py demo [--demo-dir artifacts/demo]
+    .venv/bin/python benchmarks/quantize.py demo [--demo-dir artifacts/demo]
 
 The random checkpoints are built in a scratch folder (deleted afterwards unless --keep).
 """
