@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from gateway import admin
 from gateway.core.auth import check_client
-from gateway.core.errors import GatewayError, error_body
+from gateway.core.errors import BodyTooLarge, GatewayError, error_body
 from gateway.metrics import CONTENT_TYPE
 from gateway.proxy import handle_completion
 from gateway.service import Gateway
@@ -71,10 +71,19 @@ class _HotPaths:
 
     def __init__(self, app, gateway: Gateway, settings: GatewaySettings) -> None:
         self.app, self.gw, self.keys = app, gateway, settings.client_keys()
+        self.limit = settings.max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         kind = self.PATHS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if kind is None:
+            if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+                # FastAPI reads a body before any auth dependency runs: cap it first
+                try:
+                    receive = await self._buffered(receive)
+                except BodyTooLarge as exc:
+                    return await JSONResponse(exc.body(), status_code=exc.status)(scope, receive, send)
+                except ClientDisconnect:
+                    return
             return await self.app(scope, receive, send)
         request = Request(scope, receive, send)
         try:
@@ -85,6 +94,29 @@ class _HotPaths:
         except ClientDisconnect:
             return  # gone while sending its body: nothing reached an engine, nobody to answer
         await response(scope, receive, send)
+
+    async def _buffered(self, receive):
+        """The whole body (at most `limit` bytes), replayed to the app as one message."""
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                raise BodyTooLarge(f"the request body is over the {self.limit}-byte limit", "send a smaller request")
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return replay
 
 
 def create_app(settings: GatewaySettings, gateway: Gateway | None = None,

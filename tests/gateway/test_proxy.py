@@ -107,6 +107,8 @@ def test_openai_style_errors(gateway_url):
     assert httpx.post(url, json={"model": "stable"}, headers=auth()).status_code == 400
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5_000_000}]}
     assert httpx.post(url, json=big, headers=auth()).status_code == 413
+    admin = httpx.post(gateway_url.url + "/admin/adapters", content=b"x" * 5_000_000)  # no key, huge body
+    assert admin.status_code == 413 and admin.json()["error"]["code"] == "request_too_large"
     r = httpx.post(url, json={**CHAT, "canned": {"status": 400}}, headers=auth())
     assert r.status_code == 400 and r.json()["error"]["message"] == "canned error 400"  # passed through
 
