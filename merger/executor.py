@@ -1,7 +1,8 @@
 """Run a merge plan: read each base tensor through the memory map, merge it, stream it to the writer.
 
-Memory bound: at most `depth` tensors are in flight (read, being merged, or waiting to be written),
-each costing about 2.5x its float32 size while merged, plus the adapters. Passthrough tensors are
+Memory bound: at most `depth` (2) tensors are in flight (one being written while the next is merged),
+each costing its mapped source pages plus its output (merging itself works on ~2 MiB float32 chunks),
+plus the adapters. Passthrough tensors are
 copied from the map to the output without conversion, and their pages are dropped once written.
 The base shards' sha256 is computed from the same bytes as they stream past, in file order.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from merger.core.plan import MergePlan, TensorTask
-from merger.io.checkpoint import Checkpoint, ShardReader, TensorInfo
+from merger.errors import NonFiniteError
+from merger.io.checkpoint import DTYPE_SIZES, Checkpoint, ShardReader, TensorInfo
 from merger.io.writer import StreamingShardWriter
 
 
@@ -38,6 +40,24 @@ class _StreamHasher:
 
     def digest(self) -> Optional[str]:
         return self.h.hexdigest() if self.ok and self.pos == self.size else None
+
+
+# exponent bits of each float format: all ones means Inf or NaN
+_EXPONENT = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7F800000),
+             "F64": ("<u8", 0x7FF0000000000000)}
+
+
+def has_nonfinite(data, dtype: str) -> bool:
+    """NaN/Inf anywhere in raw little-endian float bytes (integers never are)."""
+    import numpy as np
+
+    if dtype not in _EXPONENT or not memoryview(data).nbytes:
+        return False
+    kind, mask = _EXPONENT[dtype]
+    bits = np.frombuffer(data, dtype=kind)
+    m = np.array(mask, dtype=kind)
+    step = 1 << 20  # in slices, so the temporaries stay small whatever the tensor's size
+    return any(bool(np.any((bits[i:i + step] & m) == m)) for i in range(0, bits.size, step))
 
 
 class _BufferPool:
@@ -73,7 +93,7 @@ class ExecutionResult:
 
 
 def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, compute, device: str = "cpu",
-            workers: int = 2, depth: int = 3, hash_base: bool = True,
+            workers: int = 2, depth: int = 2, hash_base: bool = True,
             on_tensor: Callable[[TensorTask, int], None] = lambda task, nbytes: None) -> ExecutionResult:
     import torch
 
@@ -88,13 +108,16 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
     def work(task: TensorTask):
         info = ckpt.tensors[task.source]
         view = readers[info.shard].view(info)
+        if task.passthrough and has_nonfinite(view, task.src_dtype):
+            raise NonFiniteError(f"base tensor {task.source} has NaN/Inf values",
+                                 "the base checkpoint is broken; re-download or re-save it. Nothing was written")
         if task.passthrough and task.src_dtype == task.out_dtype:
             return view, None, None  # bytes straight from the map
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer on a read-only map: we never write to it
             base = torch.frombuffer(view, dtype=ST_TO_TORCH[task.src_dtype]) if info.nbytes else \
                 torch.empty(0, dtype=ST_TO_TORCH[task.src_dtype])
-        buf = buffers.take(info.numel * 8) if task.steps else None
+        buf = buffers.take(info.numel * DTYPE_SIZES[task.out_dtype]) if task.steps else None
         out, st = run_task(task, base.reshape(task.shape), compute=compute, device=device, out_buffer=buf)
         if buf is not None and out.data_ptr() != buf.data_ptr():
             buffers.give(buf)  # not used

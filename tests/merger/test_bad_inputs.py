@@ -187,3 +187,27 @@ def test_cli_one_line_error_and_exit_code(pair, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ") and "adapter_config.json" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_nan_in_untouched_base_tensor_refused(pair, tmp_path):
+    base, adapter = pair
+    bad = _copy(base, tmp_path / "nanbase")
+    t = load_file(bad / "model.safetensors")
+    t["model.norm.weight"][3] = float("inf")  # a tensor the adapter does not touch
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match="model.norm.weight"):
+        merge(bad, [adapter], tmp_path / "out")
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nonfinite_bit_check(dtype):
+    from merger.executor import has_nonfinite
+
+    name = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    ok = torch.tensor([0.0, -1.5, 3e4, -0.0], dtype=dtype)
+    assert not has_nonfinite(ok.view(torch.uint8).numpy().tobytes(), name)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = ok.clone()
+        t[1] = bad
+        assert has_nonfinite(t.view(torch.uint8).numpy().tobytes(), name)
