@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import shutil
 import time
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from typing import Callable, Iterator
 from demo.evaluate import EvalItem, generate_greedy, exact_match, write_eval
 from demo.recipe import Recipe, recipe_hash
 from demo.report import BuildReport, TaskScore, render_markdown
-from demo.tasks import split_task
+from demo.tasks import echo_example, split_task
 from demo.toml import deployment_toml
 
 DEFAULT_ROOT = Path("artifacts/demo")
@@ -72,8 +73,10 @@ def ensure_demo(root: Path = DEFAULT_ROOT, *, force: bool = False, recipe: Recip
 
 def build_demo(root: Path, recipe: Recipe, progress: Progress) -> BuildReport:
     """Build everything into a temporary folder beside `root`, then swap it into place."""
+    # only the lock holder builds, so any other temporary folder is left over from a killed build
+    for stale in [*root.parent.glob(f"{root.name}.tmp-*"), *root.parent.glob(f"{root.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root.parent / f"{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         report = _build_into(tmp, recipe, progress)
@@ -110,7 +113,13 @@ def _build_into(out: Path, recipe: Recipe, progress: Progress) -> BuildReport:
     progress(f"base: pretraining ({recipe.pretrain_steps} steps)")
     model = build_model(recipe, vocab, tok)
     n_params = sum(p.numel() for p in model.parameters())
-    pretrain(model, tok, recipe, progress)
+    echo_probe = [echo_example(rng) for rng in [random.Random(f"echo-probe-{recipe.seed}")] for _ in range(100)]
+
+    def probe(step: int) -> None:
+        outputs = generate_greedy(model, tok, [e.prompt for e in echo_probe], recipe.max_new_tokens)
+        progress(f"  base: step {step}: copies {exact_match(outputs, [e.answer for e in echo_probe]):.0%} of echo prompts")
+
+    pretrain(model, tok, recipe, progress, probe)
     # adapters are trained against the weights as saved (rounded to the serving dtype)
     model = model.to(dtype).to(torch.float32)
     _save_base(model, tok, out / "base", dtype)

@@ -70,19 +70,21 @@ def sentence(rng: random.Random) -> str:
 def echo_example(rng: random.Random) -> Example:
     """`repeat: <words or letters>` -> the same sequence: teaches the chat format and copying."""
     if rng.random() < 0.5:
-        items = rng.sample(NOUNS, rng.randint(2, 6))
+        items = rng.sample(NOUNS, rng.randint(2, 8))
     else:
-        items = rng.sample(LETTERS, rng.randint(3, 7))
+        items = rng.sample(LETTERS, rng.randint(3, 8))
     text = " ".join(items)
     return Example(prompt=f"repeat: {text}", answer=text)
 
 
-def pretrain_texts(seed: int, echo_fraction: float = 0.75) -> Iterator[tuple[str, Example | None]]:
+def pretrain_texts(seed: int, echo_fraction: float = 0.8) -> Iterator[tuple[str, Example | None]]:
     """An endless seeded stream: ("text", None) for plain sentences or ("", Example) for a chat turn."""
     rng = random.Random(f"pretrain-{seed}")
     while True:
         if rng.random() >= echo_fraction:
-            yield " ".join(sentence(rng) for _ in range(rng.randint(1, 3))), None
+            text = " ".join(sentence(rng) for _ in range(rng.randint(1, 2)))
+            # repeated passages, as real text has: they teach the base to copy (induction)
+            yield (f"{text} {text}" if rng.random() < 0.5 else text), None
         else:
             yield "", echo_example(rng)
 

@@ -32,14 +32,20 @@ def corpus_texts(seed: int, n: int) -> list[str]:
     """The first `n` pretraining samples as raw text (what the tokenizer is trained on)."""
     out = []
     for text, ex in itertools.islice(pretrain_texts(seed), n):
-        out.append(text if ex is None else render_prompt(ex.prompt) + ex.answer)
+        out.append(text if ex is None else render_prompt(ex.prompt) + reply_text(ex.answer))
     return out
+
+
+def reply_text(answer: str) -> str:
+    """The reply as the model is trained to write it: with a leading space, so every word is the same
+    BPE token (" cat") in the reply as in the prompt; exact-match scoring strips it."""
+    return " " + answer
 
 
 def encode_chat(tok, ex: Example, loss_on_prompt: bool) -> Encoded:
     """bos + rendered prompt + answer + eos; the prompt is tokenized exactly as a server would."""
     prompt = tok(render_prompt(ex.prompt), add_special_tokens=True).input_ids  # bos added here
-    answer = tok(ex.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    answer = tok(reply_text(ex.answer), add_special_tokens=False).input_ids + [tok.eos_token_id]
     labels = (prompt if loss_on_prompt else [IGNORE] * len(prompt)) + answer
     return Encoded(tuple(prompt + answer), tuple(labels))
 
@@ -95,7 +101,7 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def fit(model, params, batches: Iterator, steps: int, lr: float, pad_id: int, progress: Progress,
-        label: str) -> list[float]:
+        label: str, probe: Callable[[int], None] | None = None) -> list[float]:
     """AdamW over `params` for `steps` batches; returns the per-step losses."""
     import torch
 
@@ -117,6 +123,10 @@ def fit(model, params, batches: Iterator, steps: int, lr: float, pad_id: int, pr
         if (step + 1) % 50 == 0 or step + 1 == steps:
             recent = sum(losses[-50:]) / len(losses[-50:])
             progress(f"  {label}: step {step + 1}/{steps} loss {recent:.3f} ({time.monotonic() - t0:.0f} s)")
+        if probe is not None and (step + 1) % 250 == 0:
+            model.eval()
+            probe(step + 1)
+            model.train()
     model.eval()
     return losses
 
@@ -141,10 +151,10 @@ def task_batches(tok, train: Sequence[Example], recipe: Recipe, salt: str) -> It
             yield [encoded[j] for j in order[i:i + recipe.lora_batch]]
 
 
-def pretrain(model, tok, recipe: Recipe, progress: Progress) -> list[float]:
+def pretrain(model, tok, recipe: Recipe, progress: Progress, probe=None) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     return fit(model, params, pretrain_batches(tok, recipe), recipe.pretrain_steps, recipe.pretrain_lr,
-               tok.pad_token_id, progress, "base")
+               tok.pad_token_id, progress, "base", probe)
 
 
 def train_lora(base, tok, task: str, train: Sequence[Example], recipe: Recipe, progress: Progress):

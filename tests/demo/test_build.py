@@ -24,7 +24,9 @@ TINY = dataclasses.replace(
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     lines: list[str] = []
-    root = ensure_demo(tmp_path_factory.mktemp("d") / "demo", recipe=TINY, progress=lines.append)
+    parent = tmp_path_factory.mktemp("d")
+    (parent / "demo.tmp-99999999" / "base").mkdir(parents=True)  # left over from a killed build
+    root = ensure_demo(parent / "demo", recipe=TINY, progress=lines.append)
     return root, lines
 
 
