@@ -43,7 +43,7 @@ class EngineLaunch:
     max_loras: int = 4
     lora_modules: tuple[tuple[str, Path], ...] = ()
     max_model_len: int = 1024
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: int = 1
     dtype: str = "auto"
     extra_args: tuple[str, ...] = ()
     log_path: Path | None = None
@@ -98,7 +98,7 @@ def build_env(launch: EngineLaunch, base: dict[str, str], cuda: bool) -> dict[st
     if launch.enable_lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if not cuda:
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{launch.kv_cache_gib:g}"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(launch.kv_cache_gib))
     return env
 
 

@@ -125,7 +125,10 @@ class Promotion:
     async def quantize_step(self) -> dict:
         from merger.quantize import QuantizeOptions, quantize
 
-        opts = QuantizeOptions(evaluate=False, log_path=self.staging / "quantize.log")
+        d = self.dep.config.deploy
+        opts = QuantizeOptions(evaluate=False, samples=d.calibration_samples, seq_len=d.calibration_seq_len,
+                               n_grid=d.awq_grid_points,
+                               calibration=self.spec.calibration or self.spec.eval, log_path=self.staging / "quantize.log")
         result = await asyncio.to_thread(quantize, self.candidate, self.staging / "awq", opts)
         self.candidate = result.out
         return {"seconds": round(result.report.quantize_wall_s, 2),
@@ -136,12 +139,14 @@ class Promotion:
 
         cfg = self.dep.config
         candidate = self.artifact if self.artifact is not None else self.candidate
-        runner = None
-        if _is_quantized(candidate):
-            from merger.quantize import quantized_runner
+        from merger.quant_runner import candidate_runner_for
 
-            runner = quantized_runner(candidate, tokenizer=cfg.base.model)
-        report = await asyncio.to_thread(validate, cfg.base.model, self.spec.path, candidate, self.spec.eval,
+        runner = await asyncio.to_thread(candidate_runner_for, candidate, cfg.base.model)
+        # the gate reads the first N eval items: enough to see a drop, bounded time on a CPU
+        rows = self.spec.eval.read_text().splitlines()[: cfg.deploy.validate_max_prompts]
+        eval_file = self.staging / "gate-eval.jsonl"
+        eval_file.write_text("\n".join(rows) + "\n")
+        report = await asyncio.to_thread(validate, cfg.base.model, self.spec.path, candidate, eval_file,
                                          self.max_kl, 0.0, candidate_runner=runner)
         drop = (report.reference_accuracy or 0.0) - (report.candidate_accuracy or 0.0)
         gate = {"mean_kl": report.mean_kl, "max_kl": self.max_kl, "accuracy_drop": round(drop, 4),
@@ -217,11 +222,3 @@ class Promotion:
                                     detail={"gate": self.report.get("gate"), "artifact": str(art.path),
                                             "reused": self.reusable is not None})
         return {"artifact": str(art.path)}
-
-
-def _is_quantized(model: Path) -> bool:
-    try:
-        cfg = json.loads((Path(model) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return "quantization_config" in cfg

@@ -12,11 +12,13 @@ import asyncio
 import logging
 import signal
 
+import uvicorn
+
 from deploy.admin import build_router, switchyard_error_handler
 from deploy.errors import DeployError, RollbackError
 from deploy.keys import admin_key, client_keys
 from deploy.registry import Registry
-from deploy.service import Deployment
+from deploy.service import Deployment, check_model_folder
 from switchyard.config import ConfigError, DeploymentConfig
 
 log = logging.getLogger("switchyard.deploy")
@@ -28,13 +30,21 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def serve(config: DeploymentConfig, host: str | None = None, port: int | None = None) -> None:
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn's Server, minus re-raising the captured SIGTERM/SIGINT after its shutdown: that would
+    kill this process before it stops its engines. We stop them, then exit 0."""
 
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+def serve(config: DeploymentConfig, host: str | None = None, port: int | None = None) -> None:
     from gateway.app import create_app
     from gateway.service import Gateway
     from gateway.settings import load_settings
 
+    check_model_folder(config.base.model, f"base.model in {config.source}")
     configure_logging()
     state = config.gateway.state_dir
     state.mkdir(parents=True, exist_ok=True)
@@ -71,7 +81,7 @@ def serve(config: DeploymentConfig, host: str | None = None, port: int | None = 
     app.add_exception_handler(ConfigError, switchyard_error_handler(404))
     app.add_exception_handler(RollbackError, switchyard_error_handler(409))
     app.add_exception_handler(DeployError, switchyard_error_handler(400))
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop",
+    server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop",
                                            http="httptools", access_log=False, log_level="warning",
                                            timeout_graceful_shutdown=int(config.deploy.drain_timeout_s) or None))
 

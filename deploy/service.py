@@ -91,6 +91,7 @@ class Deployment:
         """Blocking, before the gateway serves: the base engine (adapters preloaded), then the merged
         engines the registry says are live, then the routing table."""
         c = self.config
+        check_model_folder(c.base.model, f"base.model in {c.source}")
         for spec in c.adapters:
             for path, what in ((spec.path / "adapter_config.json", "adapter_config.json"),):
                 if not path.is_file():
@@ -214,6 +215,19 @@ class Deployment:
         return {"routes": routes, "engines": engines,
                 "jobs": [j.to_dict() for j in self.jobs.values() if j.status is Status.RUNNING],
                 "artifacts_in_use": sorted(str(p) for p in self.registry.artifacts_in_use())}
+
+
+def check_model_folder(folder: Path, where: str) -> None:
+    """Refuse a model folder vLLM would fail on, before spending a minute starting an engine."""
+    if not folder.is_dir():
+        raise DeployError(f"model folder {folder} does not exist", f"fix {where}")
+    if not (folder / "config.json").is_file():
+        raise DeployError(f"{folder} has no config.json: not a Hugging Face checkpoint", f"fix {where}")
+    if not any(folder.glob("*.safetensors")):
+        bins = sorted(p.name for p in folder.glob("*.bin"))
+        hint = (f"it has {', '.join(bins)}: convert to safetensors (pickles can run code)" if bins
+                else f"point {where} at a folder with model weights")
+        raise DeployError(f"{folder} has no .safetensors weights", hint)
 
 
 def _kill_children() -> None:

@@ -32,6 +32,7 @@ moved as a whole. Example:
     name = "reverse-bot"           # stable name
     path = "adapters/reverse"
     eval = "eval/reverse.jsonl"
+    calibration = "train/reverse.jsonl"
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class EngineSpec(_Frozen):
     max_lora_rank: int = Field(16, ge=1, le=512)
     max_loras: int = Field(4, ge=1)
     max_model_len: int = Field(1024, ge=16)
-    kv_cache_gib: float = Field(1.0, gt=0)
+    kv_cache_gib: int = Field(1, ge=1)  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
     dtype: str = "auto"
     start_timeout_s: float = Field(300.0, gt=0)
     extra_args: tuple[str, ...] = ()
@@ -80,7 +81,10 @@ class DeploySpec(_Frozen):
     quantize: str = Field("awq", pattern="^(awq|none)$")
     drain_timeout_s: float = Field(30.0, ge=0)
     warmup_requests: int = Field(3, ge=0)
-    validate_max_prompts: int = Field(64, ge=1)
+    validate_max_prompts: int = Field(48, ge=1)   # eval items the promote gate runs
+    calibration_samples: int = Field(32, ge=1)    # AWQ calibration prompts (from the adapter's eval set)
+    calibration_seq_len: int = Field(256, ge=16)
+    awq_grid_points: int = Field(10, ge=2)        # AWQ's scale search; 20 is llm-compressor's default
 
 
 class Gates(_Frozen):
@@ -92,6 +96,7 @@ class AdapterSpec(_Frozen):
     name: str
     path: Path
     eval: Path | None = None
+    calibration: Path | None = None  # AWQ calibration prompts (e.g. its training prompts); default: eval
 
 
 class DeploymentConfig(_Frozen):
@@ -138,7 +143,7 @@ def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
     for a in raw.get("adapters", []) or []:
         a = dict(a) if isinstance(a, dict) else a
         if isinstance(a, dict):
-            for key in ("path", "eval"):
+            for key in ("path", "eval", "calibration"):
                 if key in a:
                     a[key] = rel(a[key])
         adapters.append(a)
