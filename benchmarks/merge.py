@@ -96,7 +96,8 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return {"seconds": wall, "peak_rss_mb": rss_kb / 1024}
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for k in ("User", "System"))
+    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": rss_kb / 1024}
 
 
 PEFT_SCRIPT = """
@@ -159,8 +160,8 @@ def write_docs(report: dict, command: str) -> None:
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     cp = report["results"]["cp -r + sync"]["seconds"]
-    rows = "\n".join(f"| {name} | {r['seconds']:.1f} | {r['seconds'] / cp:.2f}x | {r['peak_rss_mb']:.0f} |"
-                     for name, r in report["results"].items())
+    rows = "\n".join(f"| {name} | {r['seconds']:.1f} | {r['seconds'] / cp:.2f}x | {r['cpu_seconds']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |" for name, r in report["results"].items())
     peft = report["results"].get("PEFT merge_and_unload")
     sy = report["results"]["switchyard (base hash cached)"]
     speedup = f"switchyard is {peft['seconds'] / sy['seconds']:.1f}x faster than PEFT. " if peft else ""
@@ -169,11 +170,13 @@ def write_docs(report: dict, command: str) -> None:
 Command: `.venv/bin/python {command}` (2 CPU cores, page cache warm, load average
 {report['load_before']:.1f} before / {report['after_load']:.1f} after: other agents shared the machine).
 
-| contender | wall s | vs cp | peak RSS MB |
-|---|---|---|---|
+| contender | wall s | vs cp | CPU s (user+sys) | peak RSS MB |
+|---|---|---|---|---|
 {rows}
 
-{speedup}Delta entries rounded away in bf16: {report['vanished_share']:.2%}.
+{speedup}Delta entries rounded away in bf16: {report['vanished_share']:.2%}. Wall times on a machine this
+loaded vary by 2x between runs; CPU seconds are the steadier comparison. The switchyard and PEFT rows include
+interpreter start-up and `import torch` (about 2 s of CPU, far more wall time under load).
 """
     section_re = re.compile(r"(## Merge\n)(.*?)(?=\n## |\Z)", re.S)
     m = section_re.search(text)

@@ -114,6 +114,14 @@ def find_tied_embedding(tensors: dict, config: dict) -> Optional[str]:
     return next((n for n in tensors if n.endswith(_EMBED_SUFFIXES)), None)
 
 
+def _same_steps(a: list, b: list) -> bool:
+    """Identity, not value, comparison: steps hold tensors, and tied steps share their payload."""
+    def payload(step):
+        return step.rows if isinstance(step, SetRows) else step
+
+    return len(a) == len(b) and all(type(x) is type(y) and payload(x) is payload(y) for x, y in zip(a, b))
+
+
 def build_plan(tensors: dict, config: dict, adapters: list[ParsedAdapter], options: PlanOptions) -> MergePlan:
     """`tensors`: base tensor name -> object with .dtype (safetensors name) and .shape."""
     tied_to = find_tied_embedding(tensors, config)
@@ -200,7 +208,7 @@ def build_plan(tensors: dict, config: dict, adapters: list[ParsedAdapter], optio
     tie_value: Optional[bool] = None
     if tied_to:
         head, emb = steps.get("lm_head.weight", []), steps.get(tied_to, [])
-        if head == emb or not head and not emb:
+        if _same_steps(head, emb):
             steps.pop("lm_head.weight", None)
             table.pop("lm_head.weight")
         else:

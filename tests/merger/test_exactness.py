@@ -65,6 +65,7 @@ def test_sequential_two_adapters_matches_peft(tmp_path):
 @pytest.mark.parametrize("kwargs, stays_tied", [
     (dict(r=4, target_modules=["lm_head"]), False),
     (dict(r=4, target_modules=["embed_tokens"]), False),
+    (dict(r=4, target_modules=["embed_tokens", "lm_head"]), False),  # both change, differently
     (dict(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 9]), True),
 ])
 def test_tied_embeddings_follow_the_adapter(kwargs, stays_tied, tmp_path):
