@@ -4,7 +4,7 @@ Two modes, one JSON line per model on stdout (append them to a results file; doc
 "Quantize" quotes them with this command line):
 
   random Llama-shaped checkpoints (time and memory only: random weights say nothing about accuracy)
-    .venv/bin/python benchmarks/quantize.py random --shape demo|tinyllama-1.1b [--layers N] [--samples 16 --seq-len 128]
+    .venv/bin/python benchmarks/quantize.py random --shape small-256|tinyllama-1.1b [--layers N] [--samples 16 --seq-len 128]
 
   the demo's trained adapters, each merged (`merger.api.merge`) then quantized; accuracy on its eval set
     .venv/bin/python benchmarks/quantize.py demo [--demo-dir artifacts/demo]
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    # the demo base (see demo/recipe.py): hidden 256, intermediate 768, 4 layers
-    "demo": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+    # a small Llama (the demo's shape as first planned): hidden 256, intermediate 768, 4 layers
+    "small-256": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=2048),
     # TinyLlama-1.1B's shape
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -97,17 +97,23 @@ def bench_demo(args) -> None:
     from merger.quantize import QuantizeOptions, quantize
     from switchyard.config import load_config
 
-    config = load_config(args.demo_dir / "switchyard.toml")
+    if args.adapter:  # explicit (name, adapter folder, eval file) triples, e.g. a demo still being built
+        base = args.base
+        adapters = [(name, Path(path), Path(ev)) for name, path, ev in args.adapter]
+    else:
+        config = load_config(args.demo_dir / "switchyard.toml")
+        base = config.base.model
+        adapters = [(a.name, a.path, a.eval) for a in config.adapters]
     scratch = Path(tempfile.mkdtemp(prefix="bench-quantize-demo-", dir=args.scratch))
     try:
-        for adapter in config.adapters:
-            merged = scratch / f"{adapter.name}-merged"
-            merge(config.base.model, [adapter.path], merged, MergeOptions())
+        for name, adapter_path, eval_path in adapters:
+            merged = scratch / f"{name}-merged"
+            merge(base, [adapter_path], merged, MergeOptions())
             options = QuantizeOptions(samples=args.samples, seq_len=args.seq_len, n_grid=args.n_grid,
-                                      eval_set=adapter.eval, eval_limit=args.eval_limit)
+                                      calibration=eval_path, eval_set=eval_path, eval_limit=args.eval_limit)
             result = quantize(merged, None, options,
                               progress=lambda k, t: k == "stage" and print(t, file=sys.stderr))
-            print(json.dumps(row(adapter.name, result, {
+            print(json.dumps(row(name, result, {
                 "samples": args.samples, "seq_len": args.seq_len, "n_grid": args.n_grid,
                 "calibration": result.provenance["quantization"]["calibration"]["source"]})), flush=True)
     finally:
@@ -119,12 +125,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
     r = sub.add_parser("random")
-    r.add_argument("--shape", choices=sorted(SHAPES), default="demo")
+    r.add_argument("--shape", choices=sorted(SHAPES), default="small-256")
     r.add_argument("--layers", type=int, default=None, help="override the layer count")
     r.add_argument("--no-eval", action="store_true", help="skip the perplexity pass")
     d = sub.add_parser("demo")
     d.add_argument("--demo-dir", type=Path, default=ROOT / "artifacts" / "demo")
     d.add_argument("--eval-limit", type=int, default=100)
+    d.add_argument("--base", type=Path, help="with --adapter: the base checkpoint")
+    d.add_argument("--adapter", nargs=3, action="append", metavar=("NAME", "PATH", "EVAL"),
+                   help="an adapter to merge and quantize, instead of reading --demo-dir/switchyard.toml")
     for q in (r, d):
         q.add_argument("--samples", type=int, default=64)
         q.add_argument("--seq-len", type=int, default=512)
