@@ -6,7 +6,8 @@ Two modes, one JSON line per model on stdout (append them to a results file; doc
   random Llama-shaped checkpoints (time and memory only: random weights say nothing about accuracy)
     .venv/bin/python benchmarks/quantize.py random --shape small-256|tinyllama-1.1b [--layers N] [--samples 16 --seq-len 128]
 
-  the demo's trained adapters, each merged (`merger.api.merge`) then quantized; accuracy on its eval set
+  the demo's trained adapters, each merged (`merger.api.merge`) then quantized (calibrated on the
+  adapter's training prompts, found through the merge's provenance); accuracy on its eval set
     .venv/bin/python benchmarks/quantize.py demo [--demo-dir artifacts/demo]
 
 The random checkpoints are built in a scratch folder (deleted afterwards unless --keep).
@@ -110,7 +111,7 @@ def bench_demo(args) -> None:
             merged = scratch / f"{name}-merged"
             merge(base, [adapter_path], merged, MergeOptions())
             options = QuantizeOptions(samples=args.samples, seq_len=args.seq_len, n_grid=args.n_grid,
-                                      calibration=eval_path, eval_set=eval_path, eval_limit=args.eval_limit)
+                                      eval_set=eval_path, eval_limit=args.eval_limit)
             result = quantize(merged, None, options,
                               progress=lambda k, t: k == "stage" and print(t, file=sys.stderr))
             print(json.dumps(row(name, result, {

@@ -35,30 +35,26 @@ def weights_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def _eval_candidates(prov: dict) -> list[object]:
-    """Where a merge's provenance leads to the adapter's eval set, most specific first: an explicit
-    `eval` key, then (one adapter merged) files beside the adapter: `<adapter>/eval.jsonl`,
-    `<adapter>/train.jsonl`, and the demo's layout `<root>/adapters/<name>` -> `<root>/eval/<name>.jsonl`."""
+def _adapter_candidates(prov: dict, kind: str) -> list[object]:
+    """Where a merge's provenance leads to the adapter's `kind` ("eval" or "train") set, most specific
+    first: an explicit key, then (one adapter merged) files beside the adapter: `<adapter>/<kind>.jsonl`
+    and the demo's layout `<root>/adapters/<name>` -> `<root>/<kind>/<name>.jsonl`."""
     adapter = prov.get("adapter") if isinstance(prov.get("adapter"), dict) else {}
     adapters = prov.get("adapters") if isinstance(prov.get("adapters"), list) else []
     first = adapters[0] if len(adapters) == 1 and isinstance(adapters[0], dict) else {}
-    found: list[object] = [adapter.get("eval"), adapter.get("eval_set"), first.get("eval"), prov.get("eval"),
-                           prov.get("eval_set")]
+    found: list[object] = [adapter.get(kind), adapter.get(f"{kind}_set"), first.get(kind), prov.get(kind),
+                           prov.get(f"{kind}_set")]
     if isinstance(first.get("path"), str) and first["path"]:
         folder = Path(first["path"])
         names = [folder.name] + ([first["name"]] if isinstance(first.get("name"), str) else [])
-        found += [str(folder / "eval.jsonl"), str(folder / "train.jsonl")]
-        found += [str(folder.parent.parent / "eval" / f"{n}.jsonl") for n in names]
+        found.append(str(folder / f"{kind}.jsonl"))
+        found += [str(folder.parent.parent / kind / f"{n}.jsonl") for n in names]
     return found
 
 
-def eval_set_from_provenance(prov: dict | None, model: Path) -> Path | None:
-    """The adapter's eval JSONL a merge's `switchyard.json` leads to (see `_eval_candidates`), if it exists.
-
-    Relative paths are taken relative to the model folder, then as given (cwd)."""
-    if not prov:
-        return None
-    for value in _eval_candidates(prov):
+def _first_file(candidates: list[object], model: Path) -> Path | None:
+    """The first candidate naming an existing file; relative paths are tried against the model folder, then cwd."""
+    for value in candidates:
         if isinstance(value, dict):
             value = value.get("path")
         if not isinstance(value, str) or not value:
@@ -67,6 +63,19 @@ def eval_set_from_provenance(prov: dict | None, model: Path) -> Path | None:
             if path.is_file():
                 return path.resolve()
     return None
+
+
+def eval_set_from_provenance(prov: dict | None, model: Path) -> Path | None:
+    """The adapter's eval JSONL that a merge's `switchyard.json` leads to, if it exists."""
+    return _first_file(_adapter_candidates(prov, "eval"), model) if prov else None
+
+
+def calibration_set_from_provenance(prov: dict | None, model: Path) -> Path | None:
+    """The adapter's training prompts if they can be found (calibrating on the eval set would let the
+    accuracy report see its own calibration data), else its eval set."""
+    if not prov:
+        return None
+    return _first_file(_adapter_candidates(prov, "train"), model) or eval_set_from_provenance(prov, model)
 
 
 def quantization_record(options, source_model: Path, calibration_source: str, quantize_result: dict,

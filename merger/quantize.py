@@ -30,6 +30,7 @@ from merger.calibration import (
 )
 from merger.quant_process import ProgressFn, QuantizeError, quant_python, run_worker
 from merger.quant_provenance import (
+    calibration_set_from_provenance,
     eval_set_from_provenance,
     quantization_record,
     shard_digests,
@@ -48,7 +49,7 @@ BUILTIN = "builtin"
 @dataclass(frozen=True)
 class QuantizeOptions:
     """What to quantize and how. `calibration`: a JSONL path, "builtin", or None (auto: the adapter's
-    eval set named in the input's switchyard.json, else builtin). `samples`/`seq_len` bound the
+    training (else eval) prompts that the input's switchyard.json leads to, else builtin). `samples`/`seq_len` bound the
     calibration set (samples x tokens). `evaluate=False` skips the report (and its second subprocess)."""
 
     method: str = "awq"
@@ -201,7 +202,7 @@ def _calibration(model: Path, options: QuantizeOptions, provenance: dict | None)
     """(source label, normalised samples) for the calibration set."""
     choice = options.calibration
     if choice is None:
-        from_prov = eval_set_from_provenance(provenance, model)
+        from_prov = calibration_set_from_provenance(provenance, model)
         choice = from_prov if from_prov is not None else BUILTIN
     if str(choice) == BUILTIN:
         return BUILTIN, load_samples(BUILTIN_CALIBRATION)

@@ -19,7 +19,7 @@ from merger.calibration import (
     parse_samples,
 )
 from merger.quant_process import QuantizeError, quant_python, run_worker
-from merger.quant_provenance import eval_set_from_provenance, quantization_record, shard_digests, weights_size
+from merger.quant_provenance import calibration_set_from_provenance, eval_set_from_provenance, quantization_record, shard_digests, weights_size
 from merger.quant_worker import event_line, exact_match, indivisible_layers, matches_ignore, parse_event, perplexity
 from merger.quantize import (
     ModelScore,
@@ -162,9 +162,15 @@ def test_eval_set_from_a_merge_provenance_follows_the_adapter(tmp_path):
     (tmp_path / "demo" / "eval").mkdir()
     (tmp_path / "demo" / "eval" / "reverse.jsonl").write_text('{"prompt": "a", "expected": "a"}\n')
     prov = {"schema": "switchyard.merge/v1", "adapters": [{"name": "reverse", "path": str(adapter)}]}
-    assert eval_set_from_provenance(prov, tmp_path / "merged") == (tmp_path / "demo" / "eval" / "reverse.jsonl").resolve()
-    (adapter / "train.jsonl").write_text('{"prompt": "b", "expected": "b"}\n')
-    assert eval_set_from_provenance(prov, tmp_path / "merged") == (adapter / "train.jsonl").resolve()
+    evals = (tmp_path / "demo" / "eval" / "reverse.jsonl").resolve()
+    assert eval_set_from_provenance(prov, tmp_path / "merged") == evals
+    assert calibration_set_from_provenance(prov, tmp_path / "merged") == evals  # no training prompts: eval
+    (tmp_path / "demo" / "train").mkdir()
+    (tmp_path / "demo" / "train" / "reverse.jsonl").write_text('{"prompt": "b", "expected": "b"}\n')
+    assert calibration_set_from_provenance(prov, tmp_path / "merged") == (tmp_path / "demo" / "train" / "reverse.jsonl").resolve()
+    assert eval_set_from_provenance(prov, tmp_path / "merged") == evals
+    (adapter / "train.jsonl").write_text('{"prompt": "c", "expected": "c"}\n')
+    assert calibration_set_from_provenance(prov, tmp_path / "merged") == (adapter / "train.jsonl").resolve()
     two = {"adapters": [{"name": "reverse", "path": str(adapter)}, {"name": "sort", "path": str(adapter)}]}
     assert eval_set_from_provenance(two, tmp_path / "merged") is None  # whose prompts? not guessed
 
