@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("adapter", "merged", "awq"):
         p.add_argument(f"--{mode}", metavar="URL@MODEL", help=f"the {mode} mode's endpoint and served name")
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--requests", type=int, default=48, help="measured requests per mode and level")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--requests", type=int, default=96,
+                   help="measured requests per mode and level (at least 2x the top concurrency per round)")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)

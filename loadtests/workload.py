@@ -163,7 +163,8 @@ def plan(targets: Sequence[str], levels: Sequence[LoadLevel], prompts: Sequence[
     """Every batch of the run, in execution order (see the module docstring).
 
     Per target and level: `requests` measured requests, or `duration_s` seconds of measured load,
-    split over `rounds` batches; plus `warmup` excluded requests first.
+    split over `rounds` batches (fewer at a concurrency level where `rounds` batches would each hold
+    fewer requests than the concurrency); plus `warmup` excluded requests first.
     """
     if (requests is None) == (duration_s is None):
         raise WorkloadError("give exactly one of --requests and --duration", "e.g. --requests 64")
@@ -182,10 +183,14 @@ def plan(targets: Sequence[str], levels: Sequence[LoadLevel], prompts: Sequence[
         if warmup > 0:
             for t in targets:
                 batches.append(_batch(t, level, -1, order, level_start, warmup, None, seed + li))
-        counts = split_evenly(requests, rounds) if requests is not None else [None] * rounds
-        budget = duration_s / rounds if duration_s is not None else None
+        level_rounds = rounds
+        if requests is not None and level.concurrency:
+            # a batch smaller than the concurrency would never reach it: use fewer, fuller rounds
+            level_rounds = max(1, min(rounds, requests // level.concurrency))
+        counts = split_evenly(requests, level_rounds) if requests is not None else [None] * level_rounds
+        budget = duration_s / level_rounds if duration_s is not None else None
         offset = level_start + warmup
-        for k in range(rounds):
+        for k in range(level_rounds):
             rotated = list(targets[k % len(targets):]) + list(targets[: k % len(targets)])
             for t in rotated:
                 batches.append(_batch(t, level, k, order, offset, counts[k], budget, seed + 1000 * li + k))

@@ -70,3 +70,16 @@ def test_execute_unknown_model_writes_nothing(tmp_path):
     with pytest.raises(TargetError, match="'b' is not served"):
         execute(opts(tmp_path), Console(file=open("/dev/null", "w")), transport=FakeOpenAI(models=("a",)).transport())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_single_model_rate_levels(tmp_path):
+    fake = FakeOpenAI(models=("a",))
+    o = opts(tmp_path, targets=parse_targets(["a"], "http://fake"), levels=tuple(parse_levels(None, "20,40", True)),
+             slo_ms={}, requests=6, rounds=2, warmup=0, input_len=8, output_len=3)
+    outcome = execute(o, Console(file=open("/dev/null", "w")), transport=fake.transport())
+    report = outcome.report
+    assert [l["request_rate"] for l in report["levels"]] == [20.0, 40.0]
+    assert [l["max_concurrency"] for l in report["levels"]] == [None, None]
+    assert all(l["comparisons"] == {} and l["results"]["a"]["completed"] == 6 for l in report["levels"])
+    assert report["levels"][0]["results"]["a"]["request_goodput"] is None
+    assert (outcome.out / "throughput.png").exists() and "B/A" not in (outcome.out / "report.md").read_text()

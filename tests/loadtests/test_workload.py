@@ -83,3 +83,11 @@ def test_levels_use_fresh_prompts_when_the_pool_allows():
         used[b.level.label].update(b.prompts[: (b.count or 0)])
     assert used["concurrency=1"].isdisjoint(used["concurrency=2"])
     assert len(used["concurrency=1"]) == 5
+
+
+def test_rounds_shrink_so_batches_reach_the_concurrency():
+    levels = parse_levels("1,16", None, False)
+    batches = plan(["A"], levels, ["x"], requests=32, duration_s=None, rounds=4, warmup=0, seed=0)
+    per_level = Counter(b.level.label for b in batches)
+    assert per_level == {"concurrency=1": 4, "concurrency=16": 2}
+    assert all(b.count >= 16 for b in batches if b.level.concurrency == 16)
