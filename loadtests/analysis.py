@@ -125,7 +125,6 @@ class RatioEstimate:
                 "ci_high": self.high, "significant": self.significant, "verdict": self.verdict}
 
 
-GroupStat = Callable[[np.ndarray, np.ndarray], float]  # (values of chosen groups, their weights)
 
 
 def bootstrap_ratio(a_groups: Sequence[Sequence[float]], b_groups: Sequence[Sequence[float]],
