@@ -1,6 +1,6 @@
 """Served accuracy of the demo via vLLM: base and each adapter on each adapter's eval set (chat, greedy).
 
-    .venv/bin/python -m demo.served_check artifacts/demo      # starts one engine (~1 min), stops it
+    .venv/bin/python -m demo.checks.served artifacts/demo      # starts one engine (~1 min), stops it
 """
 import sys, time, httpx
 from pathlib import Path
