@@ -91,6 +91,7 @@ class QuantizeReport:
     calibration_samples: int
     calibration_tokens: int
     quantize_cpu_s: float = 0.0  # user + system CPU seconds of the quantize subprocess
+    heldout_source: str = ""     # what the perplexities were measured on
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -115,6 +116,7 @@ class QuantizeReport:
             "quantize_wall_s": self.quantize_wall_s, "quantize_cpu_s": self.quantize_cpu_s,
             "quantize_peak_rss_mib": self.quantize_peak_rss_mib,
             "calibration_samples": self.calibration_samples, "calibration_tokens": self.calibration_tokens,
+            "heldout_source": self.heldout_source,
         }
 
 
@@ -217,13 +219,14 @@ def _calibration(model: Path, options: QuantizeOptions, provenance: dict | None)
     if not samples:
         raise QuantizeError(f"calibration file {path} is empty",
                             "pass a JSONL of texts or chat messages, or --calibration builtin")
-    return str(path), samples
+    return str(path.resolve()), samples
 
 
-def _eval_items(model: Path, options: QuantizeOptions, provenance: dict | None) -> list[dict]:
+def _eval_items(model: Path, options: QuantizeOptions, provenance: dict | None) -> tuple[str, list[dict]]:
+    """(path, items) of the eval set: --eval, else the one the input's provenance leads to; ("", []) if none."""
     path = options.eval_set or eval_set_from_provenance(provenance, model)
     if path is None:
-        return []
+        return "", []
     if not Path(path).is_file():
         raise QuantizeError(f"eval set {path} does not exist", "pass --eval FILE.jsonl with {\"prompt\", \"expected\"} lines")
     try:
@@ -231,10 +234,16 @@ def _eval_items(model: Path, options: QuantizeOptions, provenance: dict | None) 
             items = parse_eval_items(f, str(path))
     except CalibrationFormatError as exc:
         raise QuantizeError(f"eval set: {exc}", "each line: {\"prompt\": ..., \"expected\": ...}") from exc
-    return items[: options.eval_limit]
+    return str(Path(path).resolve()), items[: options.eval_limit]
 
 
-def _heldout(options: QuantizeOptions) -> list[dict]:
+def _heldout(options: QuantizeOptions, eval_items: list[dict], eval_is_unseen: bool) -> tuple[str, list[dict]]:
+    """(source label, samples) for perplexity: --heldout; else the eval set's prompt+answer chats, when
+    calibration did not use them (the text the served model must predict); else the built-in held-out text."""
+    if options.heldout is None and eval_items and eval_is_unseen:
+        evals = [{"messages": [{"role": "user", "content": i["prompt"]},
+                               {"role": "assistant", "content": i["expected"]}]} for i in eval_items]
+        return "eval set (prompt + expected answer)", evals
     path = Path(options.heldout or BUILTIN_HELDOUT)
     if not path.is_file():
         raise QuantizeError(f"held-out file {path} does not exist", "pass --heldout FILE.jsonl of texts or chat messages")
@@ -244,7 +253,7 @@ def _heldout(options: QuantizeOptions) -> list[dict]:
         raise QuantizeError(f"held-out file: {exc}", "each line: {\"text\": ...} or {\"messages\": [...]}") from exc
     if not samples:
         raise QuantizeError(f"held-out file {path} is empty", "pass a JSONL of texts, or leave --heldout out")
-    return samples
+    return ("builtin" if options.heldout is None else str(path)), samples
 
 
 def _score(d: dict | None) -> ModelScore | None:
@@ -281,8 +290,8 @@ def quantize(model: Path, out: Path | None = None, options: QuantizeOptions = Qu
     if out == model:
         raise QuantizeError("--out is the input model folder", "write the quantized checkpoint to a new folder")
     source, samples = _calibration(model, options, provenance)
-    eval_items = _eval_items(model, options, provenance) if options.evaluate else []
-    heldout = _heldout(options) if options.evaluate else []
+    eval_path, eval_items = _eval_items(model, options, provenance) if options.evaluate else ("", [])
+    heldout_source, heldout = _heldout(options, eval_items, eval_path != source) if options.evaluate else ("", [])
     log_path = options.log_path or out.parent / f"{out.name}.quantize.log"
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +326,7 @@ def quantize(model: Path, out: Path | None = None, options: QuantizeOptions = Qu
             size_before_bytes=weights_size(model), size_after_bytes=weights_size(tmp),
             quantize_wall_s=q["wall_s"], quantize_peak_rss_mib=q["peak_rss_mib"],
             calibration_samples=q["samples"], calibration_tokens=q["tokens"], quantize_cpu_s=q.get("cpu_s", 0.0),
+            heldout_source=heldout_source,
         )
         record = quantization_record(options, model, source, q, report.to_dict(), shard_digests(tmp), clock())
         written = dict(provenance or {})

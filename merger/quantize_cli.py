@@ -50,7 +50,7 @@ def format_report(result) -> str:
         lines.append(f"  accuracy      full {_fmt(r.full.accuracy, '.3f')}  quantized {_fmt(r.quantized.accuracy, '.3f')}  "
                      f"drop {_fmt(r.accuracy_drop, '+.3f')}  ({r.full.eval_items} eval prompts)")
         lines.append(f"  perplexity    full {_fmt(r.full.perplexity, '.3f')}  quantized {_fmt(r.quantized.perplexity, '.3f')}  "
-                     f"ratio {_fmt(r.perplexity_ratio, '.4f')}  ({r.full.heldout_tokens} held-out tokens)")
+                     f"ratio {_fmt(r.perplexity_ratio, '.4f')}  ({r.full.heldout_tokens} tokens: {r.heldout_source})")
     lines.append(f"  log           {result.log_path}")
     return "\n".join(lines)
 

@@ -243,6 +243,18 @@ def test_heldout_missing_or_empty(tmp_path):
         quantize(model, tmp_path / "out", QuantizeOptions(heldout=tmp_path / "empty.jsonl"))
 
 
+def test_perplexity_text_is_the_unseen_eval_set_else_builtin():
+    from merger.quantize import _heldout
+
+    items = [{"prompt": "reverse: a b", "expected": "b a"}]
+    source, samples = _heldout(QuantizeOptions(), items, eval_is_unseen=True)
+    assert source.startswith("eval set") and samples == [{"messages": [
+        {"role": "user", "content": "reverse: a b"}, {"role": "assistant", "content": "b a"}]}]
+    source, samples = _heldout(QuantizeOptions(), items, eval_is_unseen=False)  # calibrated on it
+    assert source == "builtin" and samples == load_samples(BUILTIN_HELDOUT)
+    assert _heldout(QuantizeOptions(), [], eval_is_unseen=True)[0] == "builtin"
+
+
 def test_existing_output_needs_force(tmp_path):
     model = _model_folder(tmp_path / "m")
     (tmp_path / "out").mkdir()
