@@ -40,8 +40,12 @@ def deployment_toml(base_name: str, adapters: dict[str, str], recipe_sha: str) -
         "[gates]",
         "max_accuracy_drop = 0.05",
         "max_kl = 0.1",
+        "",
+        "[deploy]",
+        'quantize = "auto"  # awq where this vLLM can serve 4-bit (CUDA, AVX-512 CPU), else none',
+        "keep_adapter_loaded = true",
     ]
     for name, task in adapters.items():
         lines += ["", "[[adapters]]", f"name = {_value(name)}", f'path = "adapters/{task}"',
-                  f'eval = "eval/{task}.jsonl"']
+                  f'eval = "eval/{task}.jsonl"', f'calibration = "train/{task}.jsonl"']
     return "\n".join(lines) + "\n"

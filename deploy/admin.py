@@ -20,7 +20,7 @@ from gateway.core.errors import NotFound
 
 class PromoteBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    quantize: Literal["awq", "none"] | None = None
+    quantize: Literal["awq", "none", "auto"] | None = None
     dry_run: bool = False
     actor: str = Field("unknown", max_length=200)
     max_kl: float | None = Field(None, ge=0)

@@ -33,7 +33,7 @@ def serve_cmd(config: Path = CONFIG,
 
 def promote_cmd(name: str = typer.Argument(..., help="the stable model name to promote"),
                 config: Path = CONFIG, url: str = URL,
-                quantize: str = typer.Option(None, "--quantize", help="awq or none [default: deploy.quantize]"),
+                quantize: str = typer.Option(None, "--quantize", help="awq, none or auto [default: deploy.quantize]"),
                 dry_run: bool = typer.Option(False, "--dry-run", help="check, build and gate; switch nothing"),
                 max_kl: float = typer.Option(None, "--max-kl", help="override gates.max_kl for this promote"),
                 max_accuracy_drop: float = typer.Option(None, "--max-accuracy-drop",
@@ -46,8 +46,8 @@ def promote_cmd(name: str = typer.Argument(..., help="the stable model name to p
     from deploy.errors import PromoteError
     from switchyard.config import load_config
 
-    if quantize not in (None, "awq", "none"):
-        raise typer.BadParameter("--quantize must be awq or none")
+    if quantize not in (None, "awq", "none", "auto"):
+        raise typer.BadParameter("--quantize must be awq, none or auto")
     console = Console(stderr=True)
     client = AdminClient(load_config(config), url)
     body = {"quantize": quantize, "dry_run": dry_run, "actor": _actor(), "max_kl": max_kl,

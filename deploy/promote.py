@@ -33,8 +33,9 @@ log = logging.getLogger("switchyard.deploy")
 
 class Promotion:
     def __init__(self, dep: "Deployment", spec: AdapterSpec, *, quantize: str, dry_run: bool, actor: str,
-                 gates: dict) -> None:
+                 gates: dict, note: str | None = None) -> None:
         self.dep, self.spec, self.quantize, self.dry_run, self.actor = dep, spec, quantize, dry_run, actor
+        self.note = note
         cfg = dep.config
         self.max_kl = float(gates.get("max_kl", cfg.gates.max_kl))
         self.max_drop = float(gates.get("max_accuracy_drop", cfg.gates.max_accuracy_drop))
@@ -103,6 +104,13 @@ class Promotion:
         from gateway.adapters import inspect_adapter, load_base_shapes
 
         spec, cfg = self.spec, self.dep.config
+        if self.quantize == "awq":
+            from merger.quantize import quantized_serving_problem
+
+            problem = quantized_serving_problem()
+            if problem:
+                raise PromoteError(f"cannot serve an AWQ checkpoint here: {problem}",
+                                   "promote with --quantize none (or auto)", step="check")
         if spec.eval is None or not spec.eval.is_file():
             raise PromoteError(f"adapter {spec.name} has no eval set ({spec.eval})",
                                f"set adapters.eval for {spec.name} in {cfg.source}: the gate needs it", step="check")
@@ -111,8 +119,9 @@ class Promotion:
                                              max_lora_rank=cfg.engine.max_lora_rank)
         self.staging = cfg.gateway.state_dir / "artifacts" / f".staging-{self.fingerprint[:12]}-{time.time_ns()}"
         self.staging.mkdir(parents=True)
-        return {"rank": summary.rank, "modules": len(summary.modules),
-                "reuse": str(self.artifact) if self.artifact else None}
+        detail = {"rank": summary.rank, "modules": len(summary.modules), "quantize": self.quantize,
+                  "reuse": str(self.artifact) if self.artifact else None}
+        return {**detail, "note": self.note} if self.note else detail
 
     async def merge(self) -> dict:
         from merger.api import MergeOptions, merge

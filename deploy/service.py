@@ -141,7 +141,9 @@ class Deployment:
         current = self.gateway.table.get(route)
         if current is not None and current.mode == "merged" and not dry_run:
             raise Conflict(f"{route!r} is already served merged", f"`switchyard rollback {route}` first")
-        promotion = Promotion(self, spec, quantize=quantize, dry_run=dry_run, actor=actor, gates=gates or {})
+        quantize, note = resolve_quantize(quantize)
+        promotion = Promotion(self, spec, quantize=quantize, dry_run=dry_run, actor=actor, gates=gates or {},
+                              note=note)
         job = PromoteJob(uuid.uuid4().hex[:12], route, plan_promote(
             quantize=quantize != "none", reuse_artifact=promotion.reusable is not None, dry_run=dry_run),
             self.clock())
@@ -215,6 +217,17 @@ class Deployment:
         return {"routes": routes, "engines": engines,
                 "jobs": [j.to_dict() for j in self.jobs.values() if j.status is Status.RUNNING],
                 "artifacts_in_use": sorted(str(p) for p in self.registry.artifacts_in_use())}
+
+
+def resolve_quantize(choice: str) -> tuple[str, str | None]:
+    """awq or none for this machine; `auto` picks awq only where the local vLLM can serve 4-bit.
+    Returns the choice and, when auto fell back, why."""
+    if choice != "auto":
+        return choice, None
+    from merger.quantize import quantized_serving_problem
+
+    problem = quantized_serving_problem()
+    return ("none", f"auto: serving merged full precision, since {problem}") if problem else ("awq", None)
 
 
 def check_model_folder(folder: Path, where: str) -> None:

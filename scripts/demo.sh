@@ -48,8 +48,8 @@ fi
 step "3. ask each adapter through the gateway (OpenAI client)"
 $PY scripts/ask.py --config $CFG
 
-step "4. promote $ROUTE: merge, AWQ-quantize, validate, start, hot-swap"
-$SY promote $ROUTE --config $CFG --quantize awq
+step "4. promote $ROUTE: merge, quantize (AWQ where this vLLM can serve it), validate, start, hot-swap"
+$SY promote $ROUTE --config $CFG --quantize auto
 
 step "5. the same questions: $ROUTE now answers from the merged engine"
 $PY scripts/ask.py --config $CFG

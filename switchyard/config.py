@@ -26,7 +26,7 @@ moved as a whole. Example:
 
     [deploy]
     keep_adapter_loaded = true
-    quantize = "awq"               # or "none": serve the merged full-precision checkpoint
+    quantize = "auto"              # awq | none | auto (awq where this vLLM can serve 4-bit)
 
     [[adapters]]
     name = "reverse-bot"           # stable name
@@ -78,7 +78,9 @@ class GatewaySpec(_Frozen):
 
 class DeploySpec(_Frozen):
     keep_adapter_loaded: bool = True   # rollback then needs no load: it is a route switch
-    quantize: str = Field("awq", pattern="^(awq|none)$")
+    # awq: merge, then AWQ W4A16; none: serve the merged checkpoint in full precision;
+    # auto: awq where the local vLLM has 4-bit kernels (a CUDA GPU, an AVX-512 CPU), else none
+    quantize: str = Field("auto", pattern="^(awq|none|auto)$")
     drain_timeout_s: float = Field(30.0, ge=0)
     warmup_requests: int = Field(3, ge=0)
     validate_max_prompts: int = Field(48, ge=1)   # eval items the promote gate runs

@@ -60,10 +60,21 @@ def test_a_gate_that_fails_changes_nothing(deployment):
     assert "base" in deployment.status()["engines"] and len(deployment.status()["engines"]) == 1
 
 
+def test_awq_where_vllm_cannot_serve_it_is_refused_at_check(deployment):
+    from merger.quantize import quantized_serving_problem
+
+    if quantized_serving_problem() is None:
+        pytest.skip("this machine's vLLM serves W4A16: nothing to refuse")
+    result = cli("promote", ROUTE, "--config", str(deployment.config_path), "--quantize", "awq")
+    assert result.returncode != 0
+    assert "failed at check" in result.stderr and "--quantize none" in result.stderr, result.stderr
+    assert deployment.modes()[ROUTE] == "adapter"
+
+
 def test_promote_under_load_loses_no_request(deployment, demo_config):
     with Load(deployment.url, ROUTE) as load:
         time.sleep(2)
-        result = cli("promote", ROUTE, "--config", str(deployment.config_path), "--quantize", "awq")
+        result = cli("promote", ROUTE, "--config", str(deployment.config_path), "--quantize", "auto")
         time.sleep(3)
     assert result.returncode == 0, result.stderr + deployment.log_tail()
     assert load.failures() == [], load.failures()[:5]
@@ -112,7 +123,7 @@ def test_rollback_under_load_loses_no_request(deployment):
 
 
 def test_promote_again_reuses_the_artifact(deployment):
-    result = cli("promote", ROUTE, "--config", str(deployment.config_path), "--quantize", "awq")
+    result = cli("promote", ROUTE, "--config", str(deployment.config_path), "--quantize", "auto")
     assert result.returncode == 0, result.stderr
     assert "merge" not in result.stderr.split("job")[1].split("\n")[0]  # the plan skips merge and quantize
     assert deployment.modes()[ROUTE] == "merged"
