@@ -1,1 +1,0 @@
-"""Checks of the built demo that need a running engine (kept out of the recipe hash: they change no artifact)."""
