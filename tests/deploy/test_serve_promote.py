@@ -125,7 +125,9 @@ def test_rollback_under_load_loses_no_request(deployment):
 def test_promote_again_reuses_the_artifact(deployment):
     result = cli("promote", ROUTE, "--config", str(deployment.config_path), "--quantize", "auto")
     assert result.returncode == 0, result.stderr
-    assert "merge" not in result.stderr.split("job")[1].split("\n")[0]  # the plan skips merge and quantize
+    assert "✓ merge" not in result.stderr and "✓ validate" in result.stderr  # reused: validated again only
+    event = json.loads(cli("history", ROUTE, "--config", str(deployment.config_path), "--json").stdout)[-1]
+    assert event["kind"] == "promote" and event["detail"]["reused"] is True
     assert deployment.modes()[ROUTE] == "merged"
 
 
