@@ -107,11 +107,20 @@ def bench_demo(args) -> None:
         adapters = [(a.name, a.path, a.eval) for a in config.adapters]
     scratch = Path(tempfile.mkdtemp(prefix="bench-quantize-demo-", dir=args.scratch))
     try:
+        from demo.train import reply_text  # the demo writes replies with a leading space
+
         for name, adapter_path, eval_path in adapters:
+            # perplexity of the eval answers given their prompts, in the form the demo model was trained on
+            heldout = scratch / f"{name}-heldout.jsonl"
+            with open(eval_path) as f, open(heldout, "w") as g:
+                for line in filter(str.strip, f):
+                    item = json.loads(line)
+                    g.write(json.dumps({"messages": [{"role": "user", "content": item["prompt"]},
+                                                     {"role": "assistant", "content": reply_text(item["expected"])}]}) + "\n")
             merged = scratch / f"{name}-merged"
             merge(base, [adapter_path], merged, MergeOptions())
             options = QuantizeOptions(samples=args.samples, seq_len=args.seq_len, n_grid=args.n_grid,
-                                      eval_set=eval_path, eval_limit=args.eval_limit)
+                                      eval_set=eval_path, eval_limit=args.eval_limit, heldout=heldout)
             result = quantize(merged, None, options,
                               progress=lambda k, t: k == "stage" and print(t, file=sys.stderr))
             print(json.dumps(row(name, result, {

@@ -316,19 +316,35 @@ def _answers(model, tokenizer, items: list[dict], extra_tokens: int, batch_size:
     return replies
 
 
-def _perplexity(model, tokenizer, texts: list[str], seq_len: int) -> tuple[float, int]:
+def scored_span(sample: dict, tokenizer) -> tuple[str, str]:
+    """(context, text): perplexity counts the tokens of `text` only, given `context`. For a chat ending
+    in an assistant turn that is the reply given the conversation (what a served model must predict);
+    for plain text, all of it."""
+    msgs = sample.get("messages")
+    if msgs and msgs[-1]["role"] == "assistant" and getattr(tokenizer, "chat_template", None):
+        context = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        if full.startswith(context):
+            return context, full[len(context):]
+    return "", render_sample(tokenizer, sample)
+
+
+def _perplexity(model, tokenizer, samples: list[dict], seq_len: int) -> tuple[float, int]:
     import torch
 
     total_nll, total_tokens = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq_len,
-                        add_special_tokens=False)["input_ids"]
-        if ids.shape[1] < 2:
+    for sample in samples:
+        context, text = scored_span(sample, tokenizer)
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+        ids = (ctx + tokenizer(text, add_special_tokens=False)["input_ids"])[:seq_len]
+        labels = [-100] * len(ctx) + ids[len(ctx):]  # -100: not scored
+        n = sum(1 for t in labels[1:] if t != -100)
+        if n == 0:
             continue
         with torch.no_grad():
-            loss = model(input_ids=ids, labels=ids).loss  # mean over ids.shape[1] - 1 predictions
-        total_nll += float(loss) * (ids.shape[1] - 1)
-        total_tokens += ids.shape[1] - 1
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss  # mean over n
+        total_nll += float(loss) * n
+        total_tokens += n
     return perplexity(total_nll, total_tokens), total_tokens
 
 
@@ -342,7 +358,7 @@ def evaluate_model(path: str, eval_items: list[dict], heldout: list[dict], seq_l
         ok = exact_match(got, item["expected"])
         correct += ok
         answers.append({"prompt": item["prompt"], "expected": item["expected"], "got": got, "ok": ok})
-    ppl, n_tokens = _perplexity(model, tokenizer, [render_sample(tokenizer, s) for s in heldout], seq_len)
+    ppl, n_tokens = _perplexity(model, tokenizer, heldout, seq_len)
     del model
     return {
         "accuracy": correct / len(eval_items) if eval_items else None,

@@ -302,3 +302,19 @@ def test_cpu_serving_needs_avx512():
     assert cpu_serving_problem({"fpu", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}) is None
     problem = cpu_serving_problem({"fpu", "avx", "avx2", "fma"})
     assert "AVX-512" in problem and "merged model" in problem
+
+
+class _Tok:
+    chat_template = "x"
+
+    def apply_chat_template(self, msgs, add_generation_prompt=False, tokenize=False):
+        text = "".join(f"<{m['role']}>{m['content']}</s>" for m in msgs)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def test_perplexity_scores_only_the_reply_of_a_chat():
+    from merger.quant_worker import scored_span
+
+    chat = {"messages": [{"role": "user", "content": "reverse: a b"}, {"role": "assistant", "content": " b a"}]}
+    assert scored_span(chat, _Tok()) == ("<user>reverse: a b</s><assistant>", " b a</s>")
+    assert scored_span({"text": "plain words"}, _Tok()) == ("", "plain words")
