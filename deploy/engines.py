@@ -99,6 +99,9 @@ def build_env(launch: EngineLaunch, base: dict[str, str], cuda: bool) -> dict[st
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if not cuda:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(launch.kv_cache_gib))
+        # vLLM's "auto" binding pins every engine's threads to the same cores (core 0 on a 2-core
+        # machine), so a busy engine starves the next one's start; a deployment runs several engines.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return env
 
 

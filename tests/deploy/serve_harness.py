@@ -27,7 +27,7 @@ def write_config(config: DeploymentConfig, folder: Path, port: int, **gates: flo
         "[base]", f'model = "{config.base.model}"', f'name = "{config.base.name}"', "",
         "[engine]", f"max_lora_rank = {config.engine.max_lora_rank}", f"max_loras = {config.engine.max_loras}",
         f"max_model_len = {config.engine.max_model_len}", f"kv_cache_gib = {config.engine.kv_cache_gib}",
-        f'dtype = "{config.engine.dtype}"', f"start_timeout_s = {config.engine.start_timeout_s}", "",
+        f'dtype = "{config.engine.dtype}"', "start_timeout_s = 900", "",
         "[gateway]", 'host = "127.0.0.1"', f"port = {port}", f'state_dir = "{folder / "state"}"',
         f'adapters_root = "{config.adapters[0].path.parent}"', "",
         "[gates]", f"max_kl = {gates.get('max_kl', config.gates.max_kl)}",
@@ -102,7 +102,8 @@ class Load:
 
     url: str
     model: str
-    workers: int = 3
+    workers: int = 2
+    pause_s: float = 0.1
     records: list[tuple[float, int, str | None, str | None]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -129,6 +130,8 @@ class Load:
                                          r.headers.get("x-switchyard-mode"), err))
                 except httpx.HTTPError as exc:
                     self.records.append((time.monotonic(), -1, None, repr(exc)))
+                # steady, not saturating: the promote must still get CPU to start its engine
+                self._stop.wait(self.pause_s)
 
     def __enter__(self) -> "Load":
         self._threads = [threading.Thread(target=self._worker, args=(i,), daemon=True) for i in range(self.workers)]

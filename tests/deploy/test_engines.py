@@ -18,6 +18,8 @@ def test_adapter_mode_command_and_env(tmp_path: Path):
     env = build_env(launch, {"PATH": "/bin"}, cuda=False)
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert build_env(launch, {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, cuda=False)["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     assert "VLLM_CPU_KVCACHE_SPACE" not in build_env(launch, {}, cuda=True)
 
 
