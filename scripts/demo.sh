@@ -3,6 +3,7 @@
 # serves them, asks each adapter, promotes one to a merged AWQ engine under traffic, asks again,
 # runs a short A/B load test, rolls back, prints a summary. Stops everything it started.
 set -euo pipefail
+export COLUMNS=${COLUMNS:-120}  # rich tables are readable in a log too
 cd "$(dirname "$0")/.."
 SY=.venv/bin/switchyard
 PY=.venv/bin/python
@@ -54,7 +55,7 @@ $SY promote $ROUTE --config $CFG --quantize auto
 step "5. the same questions: $ROUTE now answers from the merged engine"
 $PY scripts/ask.py --config $CFG
 
-step "6. A/B load test: $ROUTE (merged AWQ) vs demo-sort (adapter on the base engine)"
+step "6. A/B load test, interleaved: demo-sort (adapter on the base engine) vs $ROUTE (merged engine)"
 $SY loadtest --url "$URL" --model demo-sort --model $ROUTE --concurrency 1,4 --requests 16 \
   --max-tokens 16 --ignore-eos --warmup 2 --seed 0 --out "$OUT/loadtest" || echo "(load test failed; continuing)"
 
