@@ -14,16 +14,9 @@ import shutil
 from pathlib import Path
 
 from deploy.errors import DeployError
+from merger.io.adapter import sha256_file as file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint(base: Path, adapter: Path, options: dict) -> str:

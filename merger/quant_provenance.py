@@ -12,17 +12,10 @@ model's file has and adds one, `"quantization"`:
 
 from __future__ import annotations
 
-import hashlib
+from merger.io.adapter import sha256_file as file_sha256
+
 from datetime import datetime
 from pathlib import Path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_digests(folder: Path) -> dict[str, str]:
