@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("adapter", "merged", "awq"):
         p.add_argument(f"--{mode}", metavar="URL@MODEL", help=f"the {mode} mode's endpoint and served name")
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--requests", type=int, default=96,
-                   help="measured requests per mode and level (at least 2x the top concurrency per round)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="measured requests per mode and level (at least 2x the top concurrency per round) "
+                        "[default: 96 unless --duration]")
+    p.add_argument("--duration", type=float, default=None,
+                   help="instead of --requests: seconds of measured load per mode and level")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--input-len", type=int, default=128)
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("artifacts/loadtests/modes"))
+    p.add_argument("--no-plots", action="store_true",
+                   help="skip the PNGs (no matplotlib); draw them later with python -m loadtests.plots DIR")
     args = p.parse_args(argv)
     try:
         targets = tuple(parse_mode(m, getattr(args, m)) for m in ("adapter", "merged", "awq") if getattr(args, m))
@@ -54,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SwitchyardError("fewer than two modes given", "pass at least two of --adapter, --merged, --awq")
         opts = LoadTestOptions(
             targets=targets, levels=tuple(parse_levels(args.concurrency, None, False)), out=args.out,
-            requests=args.requests, rounds=args.rounds, warmup=args.warmup,
+            requests=args.requests if args.requests is not None or args.duration is not None else 96,
+            duration_s=args.duration, rounds=args.rounds, plots=not args.no_plots,
+            warmup=args.warmup,
             prompts_file=args.prompts, input_len=None if args.prompts else args.input_len,
             output_len=args.output_len, seed=args.seed, api_key=args.api_key,
         )

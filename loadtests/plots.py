@@ -142,3 +142,23 @@ def write_timeline(report: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     return _save(plt, fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loadtests.plots DIR`: draw the plots of DIR/report.json into DIR (for a report
+    made with --no-plots on a machine without matplotlib)."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not (Path(args[0]) / "report.json").is_file():
+        print("usage: python -m loadtests.plots DIR  (DIR holds a load test's report.json)", file=sys.stderr)
+        return 2
+    out = Path(args[0])
+    for path in write_plots(json.loads((out / "report.json").read_text()), out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
