@@ -25,14 +25,15 @@ from switchyard.errors import SwitchyardError
 
 
 def parse_mode(label: str, spec: str) -> Target:
-    """`URL@MODEL` (the URL first here, since a model name may contain '@' but a URL's host part may not)."""
-    url, sep, model = spec.rpartition("@")
-    if not sep or not model:
+    """`URL@MODEL`, split at the first '@': a model name may contain '@' (credentials in the URL,
+    `http://user:pw@host`, are not supported here; pass --api-key)."""
+    url, sep, model = spec.partition("@")
+    if not sep or not model or not url:
         raise SwitchyardError(f"--{label} {spec!r} is not URL@MODEL", "e.g. http://127.0.0.1:8001@demo-reverse")
     return Target(label, normalize_url(url), model)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for mode in ("adapter", "merged", "awq"):
         p.add_argument(f"--{mode}", metavar="URL@MODEL", help=f"the {mode} mode's endpoint and served name")
@@ -52,19 +53,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("artifacts/loadtests/modes"))
     p.add_argument("--no-plots", action="store_true",
                    help="skip the PNGs (no matplotlib); draw them later with python -m loadtests.plots DIR")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def build_options(args: argparse.Namespace) -> LoadTestOptions:
+    """The load test the arguments describe; SwitchyardError for an unusable combination."""
+    targets = tuple(parse_mode(m, getattr(args, m)) for m in ("adapter", "merged", "awq") if getattr(args, m))
+    if len(targets) < 2:
+        raise SwitchyardError("fewer than two modes given", "pass at least two of --adapter, --merged, --awq")
+    if args.requests is not None and args.duration is not None:
+        raise SwitchyardError("--requests and --duration were both given", "choose one of them")
+    return LoadTestOptions(
+        targets=targets, levels=tuple(parse_levels(args.concurrency, None, False)), out=args.out,
+        requests=None if args.duration is not None else (args.requests or 96), duration_s=args.duration,
+        rounds=args.rounds, warmup=args.warmup, plots=not args.no_plots,
+        prompts_file=args.prompts, input_len=None if args.prompts else args.input_len,
+        output_len=args.output_len, seed=args.seed, api_key=args.api_key,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        targets = tuple(parse_mode(m, getattr(args, m)) for m in ("adapter", "merged", "awq") if getattr(args, m))
-        if len(targets) < 2:
-            raise SwitchyardError("fewer than two modes given", "pass at least two of --adapter, --merged, --awq")
-        opts = LoadTestOptions(
-            targets=targets, levels=tuple(parse_levels(args.concurrency, None, False)), out=args.out,
-            requests=args.requests if args.requests is not None or args.duration is not None else 96,
-            duration_s=args.duration, rounds=args.rounds, plots=not args.no_plots,
-            warmup=args.warmup,
-            prompts_file=args.prompts, input_len=None if args.prompts else args.input_len,
-            output_len=args.output_len, seed=args.seed, api_key=args.api_key,
-        )
+        opts = build_options(args)
         from rich.console import Console
 
         from loadtests.progress import comparison_table, summary_table

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CLI = [sys.executable, "-m", "switchyard.cli"]
+CLI = [sys.executable, "-m", "switchyard"]  # switchyard/__main__.py, as on the GPU machine
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
