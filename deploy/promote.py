@@ -67,7 +67,8 @@ class Promotion:
                 log.info("promote %s: %s done", self.spec.name, step.value)
         except asyncio.CancelledError:
             await self.undo()
-            dep.update_job(job.fail("abandoned: serve is shutting down", dep.clock()))
+            job = job.fail("abandoned: serve is shutting down", dep.clock())  # the failed job: it names the step
+            dep.update_job(job)
             self._record_failure(job, "abandoned: serve is shutting down")
             raise
         except Exception as exc:  # every failure ends the job the same way, whatever raised it

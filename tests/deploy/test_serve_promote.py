@@ -169,3 +169,61 @@ def test_restarted_serve_restores_routes_from_the_registry(deployment):
         "model": ROUTE, "max_tokens": 4, "messages": [{"role": "user", "content": "cat dog"}]})
     assert r.status_code == 200 and r.headers["x-switchyard-mode"] == "merged"
     assert r.json()["model"] == ROUTE
+
+
+def test_loadtest_swap_through_a_real_promote_and_rollback(deployment, tmp_path):
+    """`switchyard loadtest swap` against the real serve: steady streaming load on demo-sort while it
+    is promoted (merge, gate, engine start, switch) and rolled back; zero failed requests."""
+    out = tmp_path / "swap"
+    r = cli("loadtest", "swap", "demo-sort", "--config", str(deployment.config_path), "--concurrency", "1",
+            "--settle", "2", "--window", "2", "--quantize", "none", "--input-len", "16", "--max-tokens", "8",
+            "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "swap.json").read_text())
+    assert report["requests_failed"] == 0 and report["requests_total"] > 5
+    assert [(e["action"], e["ok"]) for e in report["events"]] == [("promote", True), ("rollback", True)]
+    assert all(e["switched_at"] is not None for e in report["events"])
+    assert len(report["windows"]) == 2 and all(w["after"]["requests"] > 0 for w in report["windows"])
+    assert (out / "timeline.png").stat().st_size > 0 and "rollback" in (out / "swap.md").read_text()
+    assert deployment.modes()["demo-sort"] == "adapter"
+    kinds = [e["kind"] for e in json.loads(cli("history", "demo-sort", "--config", str(deployment.config_path),
+                                                 "--json").stdout)]
+    assert kinds[-2:] == ["promote", "rollback"]
+
+
+def test_sigterm_during_a_promote_abandons_it_and_leaves_no_engine(deployment):
+    """serve stopped while a promote is starting its merged engine: the job is recorded as abandoned,
+    its staging folder is gone, no engine process survives, the route is unchanged."""
+    import psutil
+
+    from deploy.keys import admin_key
+    from switchyard.config import load_config
+
+    cfg = load_config(deployment.config_path)
+    headers = {"Authorization": f"Bearer {admin_key(cfg)}"}
+    r = httpx.post(f"{deployment.url}/admin/promote/demo-sort", json={"quantize": "none"}, headers=headers, timeout=30)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until the merged engine is being started
+        job = httpx.get(f"{deployment.url}/admin/jobs/{job_id}", headers=headers, timeout=10).json()
+        if job.get("current") == "start" or job["status"] != "running":
+            break
+        time.sleep(0.2)
+    assert job.get("current") == "start", job
+    time.sleep(2)  # the engine process exists now
+    serve_proc = psutil.Process(deployment.proc.pid)
+    children = serve_proc.children(recursive=True)
+    assert children
+    assert deployment.stop() == 0
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.pid for p in alive]
+    history = json.loads(cli("history", "demo-sort", "--config", str(deployment.config_path), "--json").stdout)
+    assert history[-1]["kind"] == "failure" and "abandoned" in history[-1]["detail"]["reason"]
+    assert history[-1]["detail"]["step"] == "start"
+    state = deployment.config_path.parent / "state"
+    assert not list((state / "artifacts").glob(".staging-*"))
+    from deploy.registry import Registry
+
+    registry = Registry.open(cfg.gateway.state_dir / "registry.sqlite")
+    assert registry.deployment("demo-sort").mode == "adapter" and registry.deployment(ROUTE).mode == "merged"
