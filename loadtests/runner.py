@@ -36,24 +36,31 @@ class Observer:
 
 
 async def run_plan(batches: Sequence[Batch], targets: Mapping[str, Target], client: StreamingClient,
-                   sampling: Sampling, log: RunLog, observer: Observer | None = None) -> RunLog:
-    """Run every batch in order, appending to `log`. Returns `log` (also when it ends early)."""
+                   sampling: Sampling, log: RunLog, observer: Observer | None = None,
+                   stop: asyncio.Event | None = None) -> RunLog:
+    """Run every batch in order, appending to `log`. Returns `log` (also when it ends early).
+
+    `stop` (set by the CLI's Ctrl-C handler) ends the run cleanly: no new request is sent, the ones
+    in flight finish, the current batch is closed.
+    """
     observer = observer or Observer()
     current: LoadLevel | None = None
     for i, batch in enumerate(batches):
+        if stop is not None and stop.is_set():
+            break
         if batch.level != current:
             if current is not None:
                 observer.level_finished(current)
             current = batch.level
             observer.level_started(current, _level_total(batches[i:], current))
-        await run_batch(batch, targets[batch.target], client, sampling, log, observer)
+        await run_batch(batch, targets[batch.target], client, sampling, log, observer, stop)
     if current is not None:
         observer.level_finished(current)
     return log
 
 
 async def run_batch(batch: Batch, target: Target, client: StreamingClient, sampling: Sampling,
-                    log: RunLog, observer: Observer) -> None:
+                    log: RunLog, observer: Observer, stop: asyncio.Event | None = None) -> None:
     clock = client.clock
     start = clock()
     done = 0
@@ -69,21 +76,23 @@ async def run_batch(batch: Batch, target: Target, client: StreamingClient, sampl
 
     try:
         if batch.arrivals is not None:
-            await _paced(batch, start, clock, one)
+            await _paced(batch, start, clock, one, stop)
         else:
-            await _closed_loop(batch, start, clock, one)
+            await _closed_loop(batch, start, clock, one, stop)
     finally:  # also on cancellation: the partial batch stays accounted for
         rec = BatchRecord(target.label, batch.level.label, batch.batch, batch.warmup, start, clock(), done)
         log.batches.append(rec)
         observer.batch_done(rec)
 
 
-async def _closed_loop(batch: Batch, start: float, clock, one) -> None:
+async def _closed_loop(batch: Batch, start: float, clock, one, stop: asyncio.Event | None = None) -> None:
     """Keep `concurrency` requests in flight until `count` are sent or the time budget is spent."""
     next_index = 0
 
     def take() -> int | None:
         nonlocal next_index
+        if stop is not None and stop.is_set():
+            return None
         if batch.count is not None and next_index >= batch.count:
             return None
         if batch.time_budget_s is not None and clock() - start >= batch.time_budget_s:
@@ -103,13 +112,19 @@ async def _closed_loop(batch: Batch, start: float, clock, one) -> None:
             tg.create_task(worker())
 
 
-async def _paced(batch: Batch, start: float, clock, one) -> None:
+async def _paced(batch: Batch, start: float, clock, one, stop: asyncio.Event | None = None) -> None:
     """Send request i at `start + arrivals[i]` regardless of how many are in flight (open loop)."""
+    stop = stop or asyncio.Event()
     async with asyncio.TaskGroup() as tg:
         for i, at in enumerate(batch.arrivals):
             delay = start + at - clock()
             if delay > 0:
-                await asyncio.sleep(delay)
+                try:  # sleep until the arrival, or until stopped
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+            if stop.is_set():
+                break
             tg.create_task(one(i))
 
 

@@ -9,9 +9,11 @@ still writes (and marks as interrupted) the report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -133,6 +135,10 @@ def execute(opts: LoadTestOptions, console=None, transport=None) -> Outcome:
         asyncio.run(_run(opts, log, state, console, clock=lambda: time.perf_counter() - t0, transport=transport))
     except KeyboardInterrupt:
         log.interrupted = True
+    except asyncio.CancelledError:
+        if not state.get("forced"):
+            raise
+        log.interrupted = True  # a second Ctrl-C: in-flight requests were abandoned
     except BaseException:
         if "staging" in state:
             shutil.rmtree(state["staging"], ignore_errors=True)
@@ -159,8 +165,38 @@ async def _run(opts: LoadTestOptions, log: RunLog, state: dict, console, clock, 
         write_json(state["staging"] / "config.json", state["config"])
         state["raw"] = open(state["staging"] / "requests.jsonl", "w")
         observer = RichObserver(console, RawWriter(state["raw"]))
-        with observer:
-            await run_plan(batches, {t.label: t for t in opts.targets}, client, opts.sampling, log, observer)
+        with observer, _ctrl_c(state) as stop:
+            await run_plan(batches, {t.label: t for t in opts.targets}, client, opts.sampling, log, observer, stop)
+        if stop.is_set():
+            log.interrupted = True
+
+
+@contextlib.contextmanager
+def _ctrl_c(state: dict):
+    """Ctrl-C (SIGINT) sets the yielded event: the run stops sending and lets in-flight requests
+    finish, so the partial report is consistent. A second Ctrl-C cancels those too. An event, not
+    task cancellation: a cancel can land inside the HTTP client's shielded clean-up and be lost,
+    and then the run would simply go on."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    main = asyncio.current_task()
+
+    def on_sigint() -> None:
+        if stop.is_set() and main is not None:
+            state["forced"] = True
+            main.cancel()
+        stop.set()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread: Ctrl-C raises as usual
+        installed = False
+    try:
+        yield stop
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGINT)
 
 
 class RawWriter(Observer):

@@ -147,3 +147,24 @@ def test_cancelled_run_keeps_a_consistent_partial_log():
     asyncio.run(go())
     assert 0 < len(log.requests) < 1000
     assert len(log.batches) == 1 and log.batches[0].requests == len(log.requests)
+
+
+@pytest.mark.parametrize("levels", ["2", "rate=40"])
+def test_stop_event_ends_the_run_cleanly(levels):
+    """What Ctrl-C does in the CLI: no new request after `stop` is set, in-flight ones finish
+    successfully, the current batch is closed, later batches never start."""
+    fake = FakeOpenAI(ttft_s=0.01, itl_s=0.01)
+    targets = {"a": Target("a", URL, "a"), "b": Target("b", URL, "b")}
+    parsed = parse_levels(None, "40", False) if levels.startswith("rate") else parse_levels(levels, None, False)
+    batches = plan(["a", "b"], parsed, ["x"], requests=1000, duration_s=None, rounds=1, warmup=0, seed=0)
+    log = RunLog()
+
+    async def go():
+        stop = asyncio.Event()
+        async with client_for(fake) as c:
+            asyncio.get_running_loop().call_later(0.3, stop.set)
+            await asyncio.wait_for(run_plan(batches, targets, c, Sampling(3, True), log, stop=stop), 10)
+    asyncio.run(go())
+    assert 0 < len(log.requests) < 1000 and all(r.success for r in log.requests)
+    assert [b.target for b in log.batches] == ["a"] and log.batches[0].requests == len(log.requests)
+    assert max(r.end for r in log.requests) <= log.batches[0].end
