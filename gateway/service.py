@@ -85,9 +85,10 @@ class Gateway:
             except asyncio.CancelledError:
                 pass
             self._health_task = None
-        for task in list(self._probes):
+        inner = [u._probe_task for u in self._upstreams.values() if u._probe_task is not None]
+        for task in [*self._probes, *inner]:
             task.cancel()
-        await asyncio.gather(*self._probes, return_exceptions=True)
+        await asyncio.gather(*self._probes, *inner, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -36,7 +36,7 @@ class Upstream:
     adapters: set[str] = field(default_factory=set)  # loaded through this gateway at runtime
     loading: set[str] = field(default_factory=set)   # names reserved by a load in progress
     _idle: asyncio.Event | None = field(default=None, repr=False)
-    _probing: bool = field(default=False, repr=False)
+    _probe_task: asyncio.Future | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -115,12 +115,17 @@ async def probe(session: aiohttp.ClientSession, up: Upstream, timeout_s: float) 
 
 
 async def probe_and_record(session: aiohttp.ClientSession, up: Upstream, timeout_s: float, unhealthy_after: int) -> bool:
-    if up._probing:
-        return up.state == "healthy"
-    up._probing = True
-    try:
-        ok, error, refused = await probe(session, up, timeout_s)
-        up.record_probe(ok, error, refused, unhealthy_after, time.monotonic())
-        return ok
-    finally:
-        up._probing = False
+    """Probe `up` and record the result. One probe at a time per upstream: a caller arriving while one
+    is in flight waits for that probe's answer (not the state from before it: a just-started engine
+    is "unknown" until its first probe lands, and a promote asking then must not read that as down)."""
+    if up._probe_task is None:
+        async def run() -> bool:
+            ok, error, refused = await probe(session, up, timeout_s)
+            up.record_probe(ok, error, refused, unhealthy_after, time.monotonic())
+            return ok
+
+        task = asyncio.ensure_future(run())
+        up._probe_task = task
+        task.add_done_callback(lambda t: setattr(up, "_probe_task", None) if up._probe_task is t else None)
+    # shielded: one caller giving up (cancelled) does not cancel the probe the others wait on
+    return await asyncio.shield(up._probe_task)
