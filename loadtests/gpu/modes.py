@@ -13,8 +13,8 @@ All three engines share the GPU: each gets a fixed KV cache (`--kv-cache-memory-
 vLLM's profiling-based sizing reads the device's free memory, which the other engines change while
 they start. The run stops at --deadline (epoch seconds), keeping what finished: the gateway run
 first, then (time permitting) the same comparison straight to the engines, then `vllm bench serve`
-on the merged engine as the cross-check. Everything lands in OUT: reports (no PNGs: draw them with
-`python -m loadtests.plots DIR`), engine logs, summary.json.
+on the merged engine as the cross-check. Everything lands in OUT: the reports packed as
+reports.tar.gz (no PNGs: unpack, then `python -m loadtests.plots DIR`), engine logs, summary.json.
 """
 
 from __future__ import annotations
@@ -214,6 +214,24 @@ def main(argv: list[str] | None = None) -> int:
             if len(text) > 200_000:
                 f.write_text(text[:50_000] + "\n...\n" + text[-100_000:])
         shutil.rmtree(models / "state", ignore_errors=True)
+        pack_reports(out)
+
+
+def pack_reports(out: Path) -> Path | None:
+    """The report folders as one reports.tar.gz: the device hands back few, small files, and a run's
+    per-request report.json alone can exceed that (the first H200 run lost its reports so)."""
+    import tarfile
+
+    folders = [d for d in sorted(out.iterdir()) if d.is_dir() and (d / "report.json").is_file()]
+    if not folders:
+        return None
+    archive = out / "reports.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for d in folders:
+            tar.add(d, arcname=d.name)
+    for d in folders:
+        shutil.rmtree(d)
+    return archive
 
 
 if __name__ == "__main__":
