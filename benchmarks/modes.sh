@@ -28,8 +28,7 @@ fi
 exec $PY - "$OUT" "$AWQ" <<'PY'
 import subprocess, sys, time
 from pathlib import Path
-import httpx
-from deploy.engines import Engine, EngineLaunch, free_port
+from deploy.engines import Engine, EngineLaunch, free_port, wait_ok
 from switchyard.config import load_config
 
 out, awq = Path(sys.argv[1]).resolve(), sys.argv[2] == "1"
@@ -56,13 +55,7 @@ try:
     gateway = subprocess.Popen([".venv/bin/switchyard", "gateway", "--config", "artifacts/demo/switchyard.toml",
                                 "--engine", engines[0].url, "--port", str(port), *merged_args])
     gw = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if httpx.get(f"{gw}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    wait_ok(f"{gw}/readyz", timeout_s=120)
     cmd = [sys.executable, "-m", "loadtests.compare_modes", "--adapter", f"{gw}@demo-reverse",
            "--merged", f"{gw}@demo-reverse-merged", "--concurrency", "1,4,16", "--requests", "48",
            "--rounds", "3", "--input-len", "128", "--output-len", "64", "--out", str(out / "report")]

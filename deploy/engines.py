@@ -212,6 +212,19 @@ def probe_generates(client: httpx.Client, url: str, model: str) -> bool:
         return False
 
 
+def wait_ok(url: str, timeout_s: float, poll_s: float = 0.5) -> bool:
+    """Poll `url` until it answers 200 (a gateway's /readyz, say); False if it never did in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    return False
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)

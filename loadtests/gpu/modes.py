@@ -27,9 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from deploy.engines import Engine, EngineLaunch, free_port, has_cuda_gpu
+from deploy.engines import Engine, EngineLaunch, free_port, has_cuda_gpu, wait_ok
 
 BASE, ADAPTER, MERGED, AWQ = "llama8b", "llama8b-ad", "llama8b-merged", "llama8b-awq"
 MODES = {"adapter": ADAPTER, "merged": MERGED, "awq": AWQ}
@@ -150,13 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         gw_log = open(out / "gateway.log", "w")
         procs.append(subprocess.Popen(gw_cmd, stdout=gw_log, stderr=subprocess.STDOUT))
         gw = f"http://127.0.0.1:{gport}"
-        for _ in range(120):
-            try:
-                if httpx.get(f"{gw}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ok(f"{gw}/readyz", timeout_s=60)
         log("gateway ready", t0)
 
         levels = args.concurrency.split(",")

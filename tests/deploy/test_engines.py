@@ -1,3 +1,4 @@
+import time
 import json
 from pathlib import Path
 
@@ -54,3 +55,20 @@ def test_shared_engine_is_ready_and_stops_cleanly_on_request(base_engine):
     r = httpx.get(f"{base_engine.url}/v1/models", timeout=10)
     names = {m["id"] for m in r.json()["data"]}
     assert {"demo-base", "demo-reverse", "demo-sort"} <= names
+
+
+def test_wait_ok_gives_up_on_a_closed_port_and_accepts_a_200(tmp_path):
+    import http.server
+    import threading
+
+    from deploy.engines import free_port, wait_ok
+
+    t0 = time.monotonic()
+    assert wait_ok(f"http://127.0.0.1:{free_port()}/readyz", timeout_s=0.5, poll_s=0.1) is False
+    assert time.monotonic() - t0 < 5
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert wait_ok(f"http://127.0.0.1:{server.server_port}/", timeout_s=5) is True
+    finally:
+        server.shutdown()
