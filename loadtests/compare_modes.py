@@ -65,7 +65,8 @@ def build_options(args: argparse.Namespace) -> LoadTestOptions:
         raise SwitchyardError("--requests and --duration were both given", "choose one of them")
     return LoadTestOptions(
         targets=targets, levels=tuple(parse_levels(args.concurrency, None, False)), out=args.out,
-        requests=None if args.duration is not None else (args.requests or 96), duration_s=args.duration,
+        requests=None if args.duration is not None else (96 if args.requests is None else args.requests),
+        duration_s=args.duration,
         rounds=args.rounds, warmup=args.warmup, plots=not args.no_plots,
         prompts_file=args.prompts, input_len=None if args.prompts else args.input_len,
         output_len=args.output_len, seed=args.seed, api_key=args.api_key,

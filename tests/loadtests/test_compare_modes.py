@@ -25,6 +25,7 @@ def test_requests_or_duration():
     by_time = build_options(parse_args([*two, "--duration", "15", "--no-plots"]))
     assert (by_time.requests, by_time.duration_s, by_time.plots) == (None, 15.0, False)
     assert build_options(parse_args([*two, "--requests", "8"])).requests == 8
+    assert build_options(parse_args([*two, "--requests", "0"])).requests == 0  # for plan() to refuse, not 96
     with pytest.raises(SwitchyardError, match="both given"):
         build_options(parse_args([*two, "--requests", "8", "--duration", "5"]))
 
