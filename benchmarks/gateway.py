@@ -6,7 +6,9 @@ the summary is computed from them.
     .venv/bin/python benchmarks/gateway.py --vllm --concurrency 1 16 --max-tokens 16   # real demo engine
 
 Upstream "canned": `python -m gateway.canned`, a minimal ASGI app (uvloop + httptools) that streams
-`--chunks` fixed SSE chunks at once: whatever it costs is paid by both arms alike. The gateway runs
+`--chunks` fixed SSE chunks, at once (the default: closed-loop saturation, which measures the maximum
+request rate) or `--chunk-delay-ms` apart (paced like an engine producing tokens, which is what
+"N concurrent streams" means for an LLM gateway); whatever it costs is paid by both arms alike. The gateway runs
 as `switchyard gateway` (uvloop + httptools), in its own process. Each concurrency level runs the
 arms alternately (direct, gateway, direct, gateway ...) for `--rounds` rounds of `--seconds` each.
 """
@@ -142,11 +144,14 @@ def summarize(raw: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], label: str) -> str:
     out = [f"| {label}: concurrent streams | direct p50 / p99 ms | gateway p50 / p99 ms | added p50 / p99 ms "
-           "| direct req/s | gateway req/s | gateway CPU µs/req | errors (d/g) |", "|---|---|---|---|---|---|---|---|"]
+           "| added TTFT p50 / p99 ms | direct req/s | gateway req/s | gateway CPU µs/req | errors (d/g) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, g = r["direct"], r["gateway"]
         out.append(f"| {r['concurrency']} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} | {g['p50_ms']:.2f} / {g['p99_ms']:.2f} "
-                   f"| {r['added_p50_ms']:+.2f} / {r['added_p99_ms']:+.2f} | {d['rps']:.0f} | {g['rps']:.0f} "
+                   f"| {r['added_p50_ms']:+.2f} / {r['added_p99_ms']:+.2f} "
+                   f"| {g['ttft_p50_ms'] - d['ttft_p50_ms']:+.2f} / {g['ttft_p99_ms'] - d['ttft_p99_ms']:+.2f} "
+                   f"| {d['rps']:.0f} | {g['rps']:.0f} "
                    f"| {g['cpu_us_per_request']:.0f} "
                    f"| {d['errors']}/{g['errors']} |")
     return "\n".join(out)
@@ -158,6 +163,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--chunks", type=int, default=16, help="canned: SSE chunks per response")
+    p.add_argument("--chunk-delay-ms", type=float, default=0.0,
+                   help="canned: gap between chunks (0: all at once; 20 = a 50 token/s stream)")
     p.add_argument("--vllm", action="store_true", help="upstream = the demo vLLM engine (artifacts/demo)")
     p.add_argument("--max-tokens", type=int, default=16, help="vllm: tokens per streamed completion")
     p.add_argument("--demo-dir", type=Path, default=Path(os.environ.get("SWITCHYARD_DEMO_DIR", ROOT / "artifacts" / "demo")),
@@ -189,7 +196,7 @@ def main() -> None:
                 config = Path(tmp) / "switchyard.toml"
                 config.write_text('[base]\nmodel = "base"\nname = "canned-base"\n')
                 body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                        "canned": {"chunks": a.chunks}}
+                        "canned": {"chunks": a.chunks, "chunk_delay_s": a.chunk_delay_ms / 1e3}}
                 path = "/v1/chat/completions"
             gport = free_port()
             gateway = start_gateway(config, upstream, gport)
@@ -221,7 +228,8 @@ def main() -> None:
                                    "cpus": os.cpu_count(), "loadavg_end": os.getloadavg(),
                                    "summary": rows, "raw": raw}))
     tmp_out.replace(a.out)
-    print(markdown(rows, "vLLM demo" if a.vllm else "canned"))
+    print(markdown(rows, "vLLM demo" if a.vllm else
+                   f"canned, {a.chunks} chunks {a.chunk_delay_ms:g} ms apart" if a.chunk_delay_ms else "canned"))
     print(f"load average during the run: {min(r['loadavg'] for r in raw):.1f}..{max(r['loadavg'] for r in raw):.1f}"
           f" on {os.cpu_count()} CPUs")
 

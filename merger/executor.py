@@ -2,8 +2,9 @@
 
 Memory bound: at most `depth` (2) tensors are in flight (one being written while the next is merged),
 each costing its mapped source pages plus its output (merging itself works on ~2 MiB float32 chunks),
-plus the adapters. Passthrough tensors are
-copied from the map to the output without conversion, and their pages are dropped once written.
+plus the adapters. Passthrough tensors (embeddings and lm_head: the largest tensors of a model) are
+copied from the map to the output without conversion, `SLICE_BYTES` at a time, each slice's pages
+dropped once written, so they cost one slice of memory whatever their size.
 The base shards' sha256 is computed from the same bytes as they stream past, in file order.
 """
 
@@ -31,11 +32,11 @@ class _StreamHasher:
         self.h = hashlib.sha256(reader.header_bytes(data_start))
         self.pos, self.size, self.ok = data_start, size, True
 
-    def feed(self, info: TensorInfo, data) -> None:
-        if info.begin == self.pos:
+    def feed(self, begin: int, end: int, data) -> None:
+        if begin == self.pos:
             self.h.update(data)
-            self.pos = info.end
-        elif info.begin > self.pos:
+            self.pos = end
+        elif begin > self.pos:
             self.ok = False  # a gap: hash the file afterwards
 
     def digest(self) -> Optional[str]:
@@ -45,6 +46,9 @@ class _StreamHasher:
 # exponent bits of each float format: all ones means Inf or NaN
 _EXPONENT = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7F800000),
              "F64": ("<u8", 0x7FF0000000000000)}
+
+
+SLICE_BYTES = 64 << 20  # passthrough tensors stream from the map in slices this size
 
 
 def has_nonfinite(data, dtype: str) -> bool:
@@ -107,12 +111,12 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
 
     def work(task: TensorTask):
         info = ckpt.tensors[task.source]
+        if task.passthrough and task.src_dtype == task.out_dtype:
+            return None, None, None  # streamed straight from the map, slice by slice, by the writing loop
         view = readers[info.shard].view(info)
         if task.passthrough and has_nonfinite(view, task.src_dtype):
             raise NonFiniteError(f"base tensor {task.source} has NaN/Inf values",
                                  "the base checkpoint is broken; re-download or re-save it. Nothing was written")
-        if task.passthrough and task.src_dtype == task.out_dtype:
-            return view, None, None  # bytes straight from the map
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer on a read-only map: we never write to it
             base = torch.frombuffer(view, dtype=ST_TO_TORCH[task.src_dtype]) if info.nbytes else \
@@ -122,7 +126,26 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
         if buf is not None and out.data_ptr() != buf.data_ptr():
             buffers.give(buf)  # not used
             buf = None
-        return out.contiguous().reshape(-1).view(torch.uint8).numpy(), st, buf
+        out = out.contiguous().reshape(-1).view(torch.uint8).numpy()
+        if not hash_base:  # nothing reads the source again: drop its pages now, not after the write
+            readers[info.shard].release(info.begin, info.end)
+        return out, st, buf
+
+    def passthrough_slices(task: TensorTask, info: TensorInfo):
+        """The tensor's bytes from the map, checked for NaN/Inf and base-hashed slice by slice; each
+        slice's pages are dropped once the writer has taken it."""
+        reader = readers[info.shard]
+        view = reader.view(info)
+        for off in range(0, max(1, info.nbytes), SLICE_BYTES):
+            part = view[off:off + SLICE_BYTES]
+            if has_nonfinite(part, task.src_dtype):
+                raise NonFiniteError(f"base tensor {task.source} has NaN/Inf values",
+                                     "the base checkpoint is broken; re-download or re-save it. Nothing was written")
+            yield part
+            begin = info.begin + off
+            if hash_base and task.name == task.source:
+                hashers[info.shard].feed(begin, begin + len(part), part)
+            reader.release(begin, begin + len(part))
 
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
@@ -136,9 +159,12 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
                 task, fut = pending.popleft()
                 data, st, buf = fut.result()
                 info = ckpt.tensors[task.source]
-                writer.write(task.name, data)
-                if hash_base and task.name == task.source:
-                    hashers[info.shard].feed(info, readers[info.shard].view(info))
+                if data is None:
+                    writer.write_parts(task.name, passthrough_slices(task, info))
+                else:
+                    writer.write(task.name, data)
+                    if hash_base and task.name == task.source:
+                        hashers[info.shard].feed(info.begin, info.end, readers[info.shard].view(info))
                 written += info.nbytes
                 if st is not None:
                     stats.append(st)

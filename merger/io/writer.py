@@ -12,10 +12,13 @@ import hashlib
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from merger.errors import OutputError
+
+_PARALLEL_HASH_BYTES = 1 << 20  # below this a thread hand-off costs more than it saves
 from merger.io.checkpoint import DTYPE_SIZES
 
 
@@ -99,6 +102,7 @@ class StreamingShardWriter:
         self._file = None
         self._hash = None
         self._plan: ShardPlan | None = None
+        self._hash_pool: ThreadPoolExecutor | None = None
 
     def _open(self, plan: ShardPlan) -> None:
         self._close_current()
@@ -108,8 +112,13 @@ class StreamingShardWriter:
         self._write(plan.header)
 
     def _write(self, data) -> None:
+        # sha256 runs in a second thread while this one writes the same bytes (both release the GIL);
+        # it is awaited before returning, so the caller may reuse `data` at once and hashes stay in order
+        view = memoryview(data).cast("B")
+        hashing = self._hasher().submit(self._hash.update, view) if view.nbytes >= _PARALLEL_HASH_BYTES else None
+        if hashing is None:
+            self._hash.update(view)
         try:
-            view = memoryview(data).cast("B")
             while view:
                 n = self._file.write(view)
                 view = view[n:]
@@ -118,7 +127,14 @@ class StreamingShardWriter:
                 raise OutputError(f"disk full while writing {self._plan.filename}",
                                   "free space beside --out and retry; the partial output was removed") from exc
             raise OutputError(f"cannot write {self._plan.filename}: {exc.strerror}", "check --out") from exc
-        self._hash.update(data)
+        finally:
+            if hashing is not None:
+                hashing.result()
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        if self._hash_pool is None:
+            self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        return self._hash_pool
 
     def write(self, name: str, data) -> None:
         """`data`: a bytes-like object holding exactly the planned bytes of tensor `name`."""
@@ -128,6 +144,24 @@ class StreamingShardWriter:
         if self._plan is not plan:
             self._open(plan)
         self._write(data)
+        self._pos += 1
+
+    def write_parts(self, name: str, parts) -> None:
+        """Like `write`, with the tensor's bytes given as consecutive parts (an iterable of bytes-like
+        objects, each written before the next is asked for)."""
+        plan, expected = self._queue[self._pos]
+        if expected.name != name:
+            raise AssertionError(f"writer expected {expected.name}, got {name}")
+        if self._plan is not plan:
+            self._open(plan)
+        total = 0
+        for part in parts:
+            total += memoryview(part).nbytes
+            if total > expected.nbytes:
+                raise AssertionError(f"{name}: more than the planned {expected.nbytes} B")
+            self._write(part)
+        if total != expected.nbytes:
+            raise AssertionError(f"{name}: {total} B written, {expected.nbytes} B planned")
         self._pos += 1
 
     def _close_current(self) -> None:
@@ -146,8 +180,15 @@ class StreamingShardWriter:
             for plan in self.plans:
                 self._open(plan)
         self._close_current()
+        self._stop_hasher()
 
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._stop_hasher()
+
+    def _stop_hasher(self) -> None:
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True)
+            self._hash_pool = None
