@@ -54,9 +54,10 @@ def start_canned(port: int) -> subprocess.Popen:
     return p
 
 
-def start_gateway(config: Path, upstream: str, port: int) -> subprocess.Popen:
+def start_gateway(config: Path, upstream: str, port: int, cpus: set[int] | None = None) -> subprocess.Popen:
     env = {**os.environ, "SWITCHYARD_API_KEYS": "", "SWITCHYARD_ADMIN_KEY": ""}
-    p = subprocess.Popen([str(ROOT / ".venv/bin/switchyard"), "gateway", "--config", str(config),
+    pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+    p = subprocess.Popen([*pin, str(ROOT / ".venv/bin/switchyard"), "gateway", "--config", str(config),
                           "--engine", upstream, "--port", str(port)], cwd=ROOT, env=env)
     wait_http(f"http://127.0.0.1:{port}/healthz")
     deadline = time.monotonic() + 60
@@ -84,8 +85,12 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[fl
     return t0, first or time.perf_counter(), time.perf_counter()
 
 
-async def load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[list[tuple], float, int]:
-    """`concurrency` closed-loop clients for `seconds`: (per-request (start, first, end), elapsed, errors)."""
+async def load(url: str, body: bytes, concurrency: int, seconds: float,
+               spread_s: float = 0.0) -> tuple[list[tuple], float, int]:
+    """`concurrency` closed-loop clients for `seconds`: (per-request (start, first, end), elapsed, errors).
+    Client i starts i/concurrency of `spread_s` late: paced streams that all started together would
+    stay in lockstep, every chunk of every stream arriving in the same instant, which no real
+    population of clients does."""
     records: list[tuple] = []
     errors = 0
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -93,8 +98,9 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple
         await asyncio.gather(*(one(session, url, body) for _ in range(concurrency)))  # warm the pools
         stop = time.perf_counter() + seconds
 
-        async def client():
+        async def client(i: int):
             nonlocal errors
+            await asyncio.sleep(spread_s * i / concurrency)
             while time.perf_counter() < stop:
                 rec = await one(session, url, body)
                 if rec is None:
@@ -103,7 +109,7 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple
                     records.append(rec)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - t0
     return records, elapsed, errors
 
@@ -165,6 +171,9 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=16, help="canned: SSE chunks per response")
     p.add_argument("--chunk-delay-ms", type=float, default=0.0,
                    help="canned: gap between chunks (0: all at once; 20 = a 50 token/s stream)")
+    p.add_argument("--pin-gateway", action="store_true",
+                   help="give the gateway the last CPU to itself and everything else the others (taskset), "
+                        "as a deployment would, so its added latency is not queueing behind the load generator")
     p.add_argument("--vllm", action="store_true", help="upstream = the demo vLLM engine (artifacts/demo)")
     p.add_argument("--max-tokens", type=int, default=16, help="vllm: tokens per streamed completion")
     p.add_argument("--demo-dir", type=Path, default=Path(os.environ.get("SWITCHYARD_DEMO_DIR", ROOT / "artifacts" / "demo")),
@@ -174,6 +183,13 @@ def main() -> None:
     a = p.parse_args()
 
     procs: list[subprocess.Popen] = []
+    gateway_cpus = None
+    if a.pin_gateway:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin-gateway needs at least 2 CPUs")
+        gateway_cpus = {cpus[-1]}
+        os.sched_setaffinity(0, set(cpus[:-1]))  # this process and the upstream it starts
     engine = None
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -199,16 +215,17 @@ def main() -> None:
                         "canned": {"chunks": a.chunks, "chunk_delay_s": a.chunk_delay_ms / 1e3}}
                 path = "/v1/chat/completions"
             gport = free_port()
-            gateway = start_gateway(config, upstream, gport)
+            gateway = start_gateway(config, upstream, gport, gateway_cpus)
             procs.append(gateway)
             urls = {"direct": upstream + path, "gateway": f"http://127.0.0.1:{gport}{path}"}
             raw = []
             payload = json.dumps(body).encode()
+            spread = a.chunks * a.chunk_delay_ms / 1e3 if not a.vllm else 0.0  # one paced response's length
             for c in a.concurrency:
                 for rnd in range(a.rounds):
                     for arm in ("direct", "gateway"):
                         cpu0 = cpu_seconds(gateway.pid)
-                        recs, elapsed, errors = uvloop.run(load(urls[arm], payload, c, a.seconds))
+                        recs, elapsed, errors = uvloop.run(load(urls[arm], payload, c, a.seconds, spread))
                         cpu = cpu_seconds(gateway.pid) - cpu0  # ~0 for the direct arm: the gateway idles
                         raw.append({"arm": arm, "concurrency": c, "round": rnd, "elapsed": elapsed,
                                     "errors": errors, "records": recs, "cpu_s": cpu,
@@ -224,7 +241,7 @@ def main() -> None:
     rows = summarize(raw)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = a.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps({"argv": sys.argv, "upstream": f"vllm:{a.demo_dir}" if a.vllm else "canned",
+    tmp_out.write_text(json.dumps({"argv": sys.argv, "gateway_cpus": sorted(gateway_cpus or []), "upstream": f"vllm:{a.demo_dir}" if a.vllm else "canned",
                                    "cpus": os.cpu_count(), "loadavg_end": os.getloadavg(),
                                    "summary": rows, "raw": raw}))
     tmp_out.replace(a.out)
