@@ -33,7 +33,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deploy.engines import free_port  # noqa: E402
+from deploy.engines import free_port, wait_ok  # noqa: E402
 
 
 def wait_http(url: str, timeout_s: float = 60) -> None:
@@ -60,11 +60,8 @@ def start_gateway(config: Path, upstream: str, port: int, cpus: set[int] | None 
     p = subprocess.Popen([*pin, str(ROOT / ".venv/bin/switchyard"), "gateway", "--config", str(config),
                           "--engine", upstream, "--port", str(port)], cwd=ROOT, env=env)
     wait_http(f"http://127.0.0.1:{port}/healthz")
-    deadline = time.monotonic() + 60
-    while httpx.get(f"http://127.0.0.1:{port}/readyz").status_code != 200:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the gateway never became ready")
-        time.sleep(0.2)
+    if not wait_ok(f"http://127.0.0.1:{port}/readyz", timeout_s=60, poll_s=0.2):
+        raise RuntimeError("the gateway never became ready")
     return p
 
 
@@ -241,8 +238,8 @@ def main() -> None:
     rows = summarize(raw)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = a.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps({"argv": sys.argv, "gateway_cpus": sorted(gateway_cpus or []), "upstream": f"vllm:{a.demo_dir}" if a.vllm else "canned",
-                                   "cpus": os.cpu_count(), "loadavg_end": os.getloadavg(),
+    tmp_out.write_text(json.dumps({"argv": sys.argv, "upstream": f"vllm:{a.demo_dir}" if a.vllm else "canned",
+                                   "gateway_cpus": sorted(gateway_cpus or []), "cpus": os.cpu_count(), "loadavg_end": os.getloadavg(),
                                    "summary": rows, "raw": raw}))
     tmp_out.replace(a.out)
     print(markdown(rows, "vLLM demo" if a.vllm else

@@ -156,7 +156,8 @@ def main() -> None:
         results["PEFT merge_and_unload"] = timed([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter),
                                                   str(fresh("peft"))], env, may_fail=True)
         shutil.rmtree(work / "peft", ignore_errors=True)
-    report = {"shape": args.shape, "base_gb": size_gb, "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, "load_before": load, "after_load": os.getloadavg()[0],
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    report = {"shape": args.shape, "base_gb": size_gb, "mem_gib": mem_gib, "load_before": load, "after_load": os.getloadavg()[0],
               "results": results, "vanished_share": prov["rounding"]["vanished_share"]}
     print(json.dumps(report, indent=2))
     if args.write_docs:

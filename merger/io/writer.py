@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.errors import OutputError
+from merger.io.checkpoint import DTYPE_SIZES
 
 _PARALLEL_HASH_BYTES = 1 << 20  # below this a thread hand-off costs more than it saves
-from merger.io.checkpoint import DTYPE_SIZES
 
 
 @dataclass(frozen=True)
@@ -138,16 +138,10 @@ class StreamingShardWriter:
 
     def write(self, name: str, data) -> None:
         """`data`: a bytes-like object holding exactly the planned bytes of tensor `name`."""
-        plan, expected = self._queue[self._pos]
-        if expected.name != name or memoryview(data).nbytes != expected.nbytes:
-            raise AssertionError(f"writer expected {expected.name} ({expected.nbytes} B), got {name}")
-        if self._plan is not plan:
-            self._open(plan)
-        self._write(data)
-        self._pos += 1
+        self.write_parts(name, (data,))
 
     def write_parts(self, name: str, parts) -> None:
-        """Like `write`, with the tensor's bytes given as consecutive parts (an iterable of bytes-like
+        """Tensor `name`'s planned bytes, given as consecutive parts (an iterable of bytes-like
         objects, each written before the next is asked for)."""
         plan, expected = self._queue[self._pos]
         if expected.name != name:
