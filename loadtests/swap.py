@@ -110,21 +110,27 @@ async def drive_switches(admin, name: str, clock: Callable[[], float], *, settle
     result = await asyncio.to_thread(admin.rollback, name, actor)
     end = clock()
     switched = result.get("switched_in_s")
-    # the switch is the last thing before the answer; draining happens after it
-    events.append(SwitchEvent("rollback", start, end, end - switched if switched is not None else end, True,
-                              f"retiring {result.get('retiring')}"))
+    # switched_in_s counts from the service's start of the rollback (adapter reload included) to the
+    # route switch; draining the merged engine happens after the answer
+    events.append(SwitchEvent("rollback", start, end, min(start + switched, end) if switched is not None else end,
+                              True, f"retiring {result.get('retiring')}"))
     say(f"rollback {name}: done")
     await asyncio.sleep(settle_s)
     return events
 
 
 def _switch_moment(job: dict, start: float, end: float) -> float | None:
-    """Start plus the job's step durations up to and including "switch" (capped at `end`)."""
+    """When the route switched, on our clock: `start` (we asked; the service created the job) plus the
+    service's time from creating the job to the end of its "switch" step, capped at `end`. Only
+    differences of the service's clock are used, so clock skew between machines does not matter.
+    Jobs without timestamps: start plus the step durations (which miss the time between steps)."""
     elapsed = 0.0
     for step in job.get("done", []):
         elapsed += float(step.get("seconds", 0.0))
         if step.get("step") == "switch":
-            return min(start + elapsed, end)
+            if step.get("ended_at") is not None and job.get("created_at") is not None:
+                elapsed = float(step["ended_at"]) - float(job["created_at"])
+            return min(start + max(elapsed, 0.0), end)
     return None
 
 
@@ -237,6 +243,10 @@ def render_swap_markdown(report: dict[str, Any], with_title: bool = True) -> str
             s = w[side]
             lines.append(f"| {side} | {s['requests']} | {s['failed']} | {s['p50_ttft_ms']:.1f} | {s['p99_ttft_ms']:.1f} | "
                          f"{s['p50_itl_ms']:.2f} | {s['p99_itl_ms']:.2f} | {s['p50_e2el_ms']:.1f} | {s['p99_e2el_ms']:.1f} |")
+        empty = [side for side in ("before", "after") if not w[side]["requests"]]
+        if empty:  # one slow request can span a short window at low concurrency
+            lines.append(f"no request started in the {' or '.join(empty)} window: widen --window "
+                         "(and --settle) or raise --concurrency")
         lines.append("")
     if report["errors"]:
         lines += ["errors: " + "; ".join(report["errors"][:10]), ""]

@@ -94,7 +94,8 @@ class PromoteJob:
             "status": self.status.value,
             "plan": [s.value for s in self.plan],
             "done": [
-                {"step": r.step.value, "seconds": round(r.ended_at - r.started_at, 3), "detail": r.detail}
+                {"step": r.step.value, "seconds": round(r.ended_at - r.started_at, 3), "ended_at": r.ended_at,
+                 "detail": r.detail}
                 for r in self.done
             ],
             "current": self.current.value if self.current else None,

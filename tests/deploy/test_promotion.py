@@ -24,6 +24,7 @@ def test_job_walks_its_plan_in_order_and_succeeds():
     d = job.to_dict()
     assert [s["step"] for s in d["done"]] == ["check", "validate"]
     assert d["done"][1]["seconds"] == 2.5 and d["done"][1]["detail"] == {"kl": 0.01}
+    assert d["done"][1]["ended_at"] == 5.5  # the service's clock: callers place the switch in time with it
 
 
 def test_failure_names_the_step():

@@ -176,7 +176,7 @@ def test_loadtest_swap_through_a_real_promote_and_rollback(deployment, tmp_path)
     is promoted (merge, gate, engine start, switch) and rolled back; zero failed requests."""
     out = tmp_path / "swap"
     r = cli("loadtest", "swap", "demo-sort", "--config", str(deployment.config_path), "--concurrency", "1",
-            "--settle", "2", "--window", "2", "--quantize", "none", "--input-len", "16", "--max-tokens", "8",
+            "--settle", "4", "--window", "4", "--quantize", "none", "--input-len", "16", "--max-tokens", "8",
             "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "swap.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 
 import pytest
 from rich.console import Console
@@ -23,6 +24,34 @@ def test_switch_windows_split_requests_at_the_switch():
     assert w["after"]["requests"] == 3 and w["after"]["failed"] == 0     # starts 10, 11, 12
     assert w["before"]["p50_ttft_ms"] == pytest.approx(100.0) and w["after"]["p50_ttft_ms"] == pytest.approx(50.0)
     assert w["in_flight_at_switch"] == 1 and w["in_flight_failed"] == 1   # the 9.95 one spans 10.0
+
+
+def test_an_empty_window_is_named_with_the_fix():
+    from loadtests.swap import render_swap_markdown
+
+    # the second request spans the switch at 2.0 and the whole after window
+    slow = [request(start=0.0, ttft=0.1, n_tokens=3), request(start=1.0, ttft=0.1, itl=4.0, n_tokens=3)]
+    ev = SwitchEvent("promote", 0.5, 2.5, 2.0, True)
+    report = {"name": "m", "interrupted": False, "requests_total": 2, "requests_failed": 0, "errors": [],
+              "events": [asdict(ev)], "windows": switch_windows(slow, [ev], window_s=3.0)}
+    assert report["windows"][0]["after"]["requests"] == 0
+    assert "no request started in the after window: widen --window" in render_swap_markdown(report)
+    report["windows"] = switch_windows(slow + [request(start=3.0, ttft=0.1, n_tokens=3)], [ev], window_s=3.0)
+    assert "widen" not in render_swap_markdown(report)
+
+
+def test_switch_moment_counts_the_time_between_steps():
+    from loadtests.swap import _switch_moment
+
+    # service clock: job created at 1000; a 3 s gap before "start" that step durations do not show
+    job = {"created_at": 1000.0, "done": [{"step": "check", "seconds": 1.0, "ended_at": 1001.0},
+                                          {"step": "start", "seconds": 2.0, "ended_at": 1006.0},
+                                          {"step": "switch", "seconds": 0.5, "ended_at": 1006.5}]}
+    assert _switch_moment(job, start=10.0, end=30.0) == pytest.approx(16.5)
+    assert _switch_moment(job, start=10.0, end=12.0) == 12.0  # never after the answer
+    legacy = {"done": [{k: v for k, v in d.items() if k != "ended_at"} for d in job["done"]]}
+    assert _switch_moment(legacy, start=10.0, end=30.0) == pytest.approx(13.5)
+    assert _switch_moment({"created_at": 1000.0, "done": job["done"][:2]}, 10.0, 30.0) is None
 
 
 class FakeAdmin:
@@ -53,8 +82,9 @@ class FakeAdmin:
 
     def rollback(self, name, actor):
         self.calls.append(("rollback", name, actor))
+        time.sleep(0.2)  # reloading the adapter on the base engine comes before the switch
         self.fake.delays = {}
-        return {"route": name, "mode": "adapter", "switched_in_s": 0.01, "retiring": "merged-1"}
+        return {"route": name, "mode": "adapter", "switched_in_s": 0.2, "retiring": "merged-1"}
 
 
 def opts(tmp_path):
@@ -71,6 +101,8 @@ def test_swap_under_load_reports_zero_failures_and_the_timeline(tmp_path):
     assert [e["action"] for e in report["events"]] == ["promote", "rollback"]
     promote = report["events"][0]
     assert promote["start"] < promote["switched_at"] <= promote["end"]
+    rollback = report["events"][1]  # switched after the adapter reload, not when it was asked for
+    assert rollback["start"] + 0.15 < rollback["switched_at"] <= rollback["end"]
     w = report["windows"][0]
     assert w["before"]["requests"] > 0 and w["after"]["requests"] > 0
     assert w["after"]["p50_e2el_ms"] < w["before"]["p50_e2el_ms"]  # the fake got faster at the switch
