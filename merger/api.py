@@ -13,13 +13,13 @@ import resource
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
 from merger.core.combine import METHODS
-from merger.core.plan import PlanOptions, build_plan
+from merger.core.plan import PlanOptions, build_plan, step_tensors
 from merger.errors import InputError, OutputError, UnsupportedAdapterError
 from merger.io.adapter import load_adapter
 from merger.io.checkpoint import Checkpoint
@@ -95,10 +95,7 @@ def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeO
     loaded = [load_adapter(Path(a), options.allow_pickle) for a in adapters]
     names = [l.parsed.name for l in loaded]
     if len(set(names)) != len(names):  # names key the plan's steps and the provenance
-        loaded = [type(l)(l.path, l.weights_file, l.sha256, l.raw_config,
-                          type(l.parsed)(f"{i}-{l.parsed.name}", l.parsed.config, l.parsed.modules,
-                                         l.parsed.replacements, l.parsed.token_rows))
-                  for i, l in enumerate(loaded)]
+        loaded = [replace(l, parsed=replace(l.parsed, name=f"{i}-{l.parsed.name}")) for i, l in enumerate(loaded)]
     if out is None:
         label = options.dtype if options.dtype != "auto" else "auto"
         out = base.parent / default_out_name(base, loaded[0].parsed.name, loaded[0].sha256, label)
@@ -130,8 +127,16 @@ def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeO
         from merger.executor import execute
 
         compute = torch.float64 if options.precise else torch.float32
+        mapped = [l.pages for l in loaded if l.pages is not None]
+
+        def release(task):  # the adapter pages a written tensor read: a module's worth at a time
+            tensors = [t for step in task.steps for t in step_tensors(step)]
+            for pages in mapped:
+                pages.release(tensors)
+
         result = execute(ckpt, plan, writer, compute=compute, device=options.device, workers=options.workers,
-                         hash_base=commit is None and len(cached) < len(ckpt.shards), on_tensor=on_tensor)
+                         hash_base=commit is None and len(cached) < len(ckpt.shards), on_tensor=on_tensor,
+                         release=release)
         base_hashes = dict(cached)
         fresh = {s.path: result.base_sha256[s.path.name] for s in ckpt.shards
                  if s.path.name in result.base_sha256 and s.path.name not in cached}

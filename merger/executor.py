@@ -2,7 +2,7 @@
 
 Memory bound: at most `depth` (2) tensors are in flight (one being written while the next is merged),
 each costing its mapped source pages plus its output (merging itself works on ~2 MiB float32 chunks),
-plus the adapters. Passthrough tensors (embeddings and lm_head: the largest tensors of a model) are
+plus the adapter pages of the tasks in flight (`release`). Passthrough tensors (embeddings and lm_head: the largest tensors of a model) are
 copied from the map to the output without conversion, `SLICE_BYTES` at a time, each slice's pages
 dropped once written, so they cost one slice of memory whatever their size.
 The base shards' sha256 is computed from the same bytes as they stream past, in file order.
@@ -98,7 +98,9 @@ class ExecutionResult:
 
 def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, compute, device: str = "cpu",
             workers: int = 2, depth: int = 2, hash_base: bool = True,
-            on_tensor: Callable[[TensorTask, int], None] = lambda task, nbytes: None) -> ExecutionResult:
+            on_tensor: Callable[[TensorTask, int], None] = lambda task, nbytes: None,
+            release: Callable[[TensorTask], None] = lambda task: None) -> ExecutionResult:
+    """`release(task)` runs once the task's output is written: it lets the adapter memory it read go."""
     import torch
 
     from merger.core.apply import ST_TO_TORCH, run_task
@@ -172,6 +174,7 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
                 if buf is not None:
                     buffers.give(buf)
                 readers[info.shard].release(info.begin, info.end)
+                release(task)
                 on_tensor(task, info.nbytes)
                 nxt = next(tasks, None)
                 if nxt is not None:

@@ -61,6 +61,20 @@ class Combine:
 Step = Union[Replace, AddLora, AddLoraBias, SetRows, Combine]
 
 
+def step_tensors(step: Step) -> list:
+    """The adapter tensors a step reads (so their memory can be let go once the step has run)."""
+    def module(m: Optional[LoraModule]) -> list:
+        return [] if m is None else [t for t in (m.A, m.B, m.bias, m.magnitude) if t is not None]
+
+    if isinstance(step, Replace):
+        return [step.tensor]
+    if isinstance(step, (AddLora, AddLoraBias)):
+        return module(step.module)
+    if isinstance(step, SetRows):
+        return [step.rows.values]
+    return [t for m in step.modules for t in module(m)]
+
+
 @dataclass(frozen=True)
 class TensorTask:
     name: str  # output tensor name
