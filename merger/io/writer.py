@@ -18,8 +18,10 @@ from pathlib import Path
 
 from merger.errors import OutputError
 from merger.io.checkpoint import DTYPE_SIZES
+from merger.io.splicewrite import SpliceRefused, SpliceWriter
 
 _PARALLEL_HASH_BYTES = 1 << 20  # below this a thread hand-off costs more than it saves
+_SPLICE_BYTES = 64 << 10  # smaller writes (headers, norms) gain nothing from the pipe
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class StreamingShardWriter:
         self._hash = None
         self._plan: ShardPlan | None = None
         self._hash_pool: ThreadPoolExecutor | None = None
+        self._splice = SpliceWriter()
 
     def _open(self, plan: ShardPlan) -> None:
         self._close_current()
@@ -119,6 +122,12 @@ class StreamingShardWriter:
         if hashing is None:
             self._hash.update(view)
         try:
+            if self._splice.usable and view.nbytes >= _SPLICE_BYTES:
+                try:
+                    self._splice.write(self._file.fileno(), view)
+                    view = view[view.nbytes:]
+                except SpliceRefused:
+                    pass  # refused before any byte moved: write() below, and from now on
             while view:
                 n = self._file.write(view)
                 view = view[n:]
@@ -175,12 +184,14 @@ class StreamingShardWriter:
                 self._open(plan)
         self._close_current()
         self._stop_hasher()
+        self._splice.close()
 
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
         self._stop_hasher()
+        self._splice.close()
 
     def _stop_hasher(self) -> None:
         if self._hash_pool is not None:
