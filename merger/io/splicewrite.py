@@ -1,9 +1,10 @@
 """Move bytes from memory into a file through a pipe (`vmsplice` + `splice`) instead of `write`.
 
 Why: on the Firecracker VMs this project is built and benchmarked on, `write()` from user memory into
-the page cache costs about 4 ns of system time per byte (2.3 GB: 8.7-8.9 s), while the same bytes moved
-by `vmsplice` into a pipe and `splice` from it into the file cost 1.1-1.8 s, as `cp` (which copies
-inside the kernel) does (`benchmarks/write_paths.py`). The kernel still copies the bytes into the page
+the page cache costs about 3.6 ns of system time per byte when the kernel takes fresh pages (2.28 GB:
+8.0-8.3 s), while the same bytes moved by `vmsplice` into a pipe and `splice` from it into the file
+cost 1.1-1.7 s, about what `cp` (which copies inside the kernel) costs (`benchmarks/write_paths.py`,
+numbers in docs/benchmarks.md "Merge"). The kernel still copies the bytes into the page
 cache during `splice`, so once a call returns the caller may reuse its buffer.
 
 Linux only; anywhere `vmsplice` is missing or refused the writer falls back to `write()` for good.
