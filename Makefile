@@ -21,7 +21,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/switchyard demo build
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not engine" $(PYTEST_ARGS)
