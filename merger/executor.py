@@ -2,9 +2,10 @@
 
 Memory bound: at most `depth` (2) tensors are in flight (one being written while the next is merged),
 each costing its mapped source pages plus its output (merging itself works on ~2 MiB float32 chunks),
-plus the adapter pages of the tasks in flight (`release`). Passthrough tensors (embeddings and lm_head: the largest tensors of a model) are
-copied from the map to the output without conversion, `SLICE_BYTES` at a time, each slice's pages
-dropped once written, so they cost one slice of memory whatever their size.
+plus the adapter pages of the tasks in flight (`release`). Passthrough tensors (embeddings and
+lm_head: the largest tensors of a model) are copied from the map to the output without conversion,
+`SLICE_BYTES` at a time, each slice's pages dropped once written, so they cost one slice of memory
+whatever their size.
 The base shards' sha256 is computed from the same bytes as they stream past, in file order.
 """
 

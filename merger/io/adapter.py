@@ -20,7 +20,7 @@ from typing import Optional
 from merger.core.adapter_config import parse_adapter_config
 from merger.core.lora import ParsedAdapter, parse_adapter
 from merger.errors import InputError, NonFiniteError
-from merger.io.checkpoint import DTYPE_SIZES, read_shard_header
+from merger.io.checkpoint import DTYPE_SIZES, drop_pages, read_shard_header
 
 
 class AdapterPages:
@@ -53,21 +53,18 @@ class AdapterPages:
 
     def release(self, tensors) -> int:
         """Drop the pages of those `tensors` that view this map; returns the bytes dropped."""
-        page, dropped = mmap.PAGESIZE, 0
+        dropped = 0
         for t in tensors:
             if t is None or not t.numel():
                 continue
             begin = t.data_ptr() - self._base
             end = begin + t.numel() * t.element_size()
-            if begin < 0 or end > self.size:
-                continue  # not ours
-            start, stop = (begin // page) * page, min(self.size, -(-end // page) * page)
-            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
-            dropped += stop - start
+            if 0 <= begin and end <= self.size:  # else not ours
+                dropped += drop_pages(self._map, begin, end)
         return dropped
 
     def release_all(self) -> None:
-        self._map.madvise(mmap.MADV_DONTNEED, 0, self.size)
+        drop_pages(self._map, 0, self.size)
 
 
 def _mappable(header) -> bool:

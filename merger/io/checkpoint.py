@@ -164,13 +164,7 @@ class ShardReader:
         return self._view[:upto]
 
     def release(self, begin: int, end: int) -> None:
-        if not hasattr(self._map, "madvise"):
-            return
-        page = mmap.PAGESIZE
-        start = (begin // page) * page
-        stop = min(len(self._map), ((end + page - 1) // page) * page)
-        if stop > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        drop_pages(self._map, begin, end)
 
     def close(self) -> None:
         self._view.release()
@@ -179,6 +173,19 @@ class ShardReader:
         except BufferError:  # a caller still holds a view; the map goes with the last reference
             pass
         self._file.close()
+
+
+def drop_pages(m: mmap.mmap, begin: int, end: int) -> int:
+    """Drop the resident pages of bytes [begin, end) of a file map (rounded out to whole pages; they
+    come back from the page cache on the next read). Returns the bytes dropped."""
+    if not hasattr(m, "madvise"):
+        return 0
+    page = mmap.PAGESIZE
+    start, stop = (begin // page) * page, min(len(m), -(-end // page) * page)
+    if stop <= start:
+        return 0
+    m.madvise(mmap.MADV_DONTNEED, start, stop - start)
+    return stop - start
 
 
 def file_size(path: Path) -> int:
