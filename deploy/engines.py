@@ -86,6 +86,9 @@ def build_command(launch: EngineLaunch, python: str = sys.executable) -> list[st
     return cmd + list(launch.extra_args)
 
 
+ENGINE_KEEPALIVE_S = 75  # seconds an engine keeps an idle client connection open
+
+
 def build_env(launch: EngineLaunch, base: dict[str, str], cuda: bool) -> dict[str, str]:
     env = dict(base)
     env.update(
@@ -95,6 +98,10 @@ def build_env(launch: EngineLaunch, base: dict[str, str], cuda: bool) -> dict[st
         DO_NOT_TRACK="1",
         PYTHONUNBUFFERED="1",
     )
+    # The engine must never close an idle keep-alive connection first: a request sent on it as it
+    # closes fails although the engine is fine (seen in CI after a rollback). vLLM closes after 5 s;
+    # the gateway's pool and the load-test clients drop theirs sooner (GatewaySettings.upstream_keepalive_s).
+    env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(ENGINE_KEEPALIVE_S))
     if launch.enable_lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if not cuda:

@@ -40,7 +40,7 @@ class _Server(uvicorn.Server):
 
 
 def serve(config: DeploymentConfig, host: str | None = None, port: int | None = None) -> None:
-    from gateway.app import create_app
+    from gateway.app import create_app, server_options
     from gateway.service import Gateway
     from gateway.settings import load_settings
 
@@ -81,9 +81,7 @@ def serve(config: DeploymentConfig, host: str | None = None, port: int | None = 
     app.add_exception_handler(ConfigError, switchyard_error_handler(404))
     app.add_exception_handler(RollbackError, switchyard_error_handler(409))
     app.add_exception_handler(DeployError, switchyard_error_handler(400))
-    server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop",
-                                           http="httptools", access_log=False, log_level="warning",
-                                           timeout_graceful_shutdown=int(config.deploy.drain_timeout_s) or None))
+    server = _Server(uvicorn.Config(app, **server_options(settings, config.deploy.drain_timeout_s)))
 
     async def main() -> None:
         await deployment.run_background()

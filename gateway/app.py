@@ -208,3 +208,13 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None,
     for router in extra_routers:
         app.include_router(router)
     return app
+
+
+
+def server_options(settings: GatewaySettings, graceful_shutdown_s: float | None = 30) -> dict:
+    """uvicorn's options for the gateway (`switchyard gateway` and `switchyard serve`): uvloop and
+    httptools, and idle client connections kept open longer than clients keep theirs, so a client never
+    sends on a connection the gateway is closing."""
+    return dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools", access_log=False,
+                log_level="warning", timeout_keep_alive=settings.client_keepalive_s,
+                timeout_graceful_shutdown=int(graceful_shutdown_s or 0) or None)

@@ -30,6 +30,7 @@ class Record:
     path: str
     headers: dict[str, str]
     body: bytes
+    client: tuple[str, int] | None = None  # the caller's address: one port per connection
 
 
 class _Drop(Exception):
@@ -64,7 +65,7 @@ class CannedUpstream:
         path, method = scope["path"], scope["method"]
         if self.record:
             headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-            self.records.append(Record(method, path, headers, body))
+            self.records.append(Record(method, path, headers, body, tuple(scope.get("client") or ()) or None))
         if path == "/v1/models":
             data = [{"id": self.model, "object": "model", "parent": None}]
             data += [{"id": n, "object": "model", "parent": self.model} for n in sorted(self.loaded)]

@@ -23,7 +23,7 @@ def gateway_command(
     """Serve the OpenAI-compatible gateway for CONFIG in front of already-running engines."""
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import create_app, server_options
     from gateway.core.errors import GatewayError
     from gateway.core.routing import Route, config_routes
     from gateway.service import Gateway
@@ -45,5 +45,4 @@ def gateway_command(
     gw.replace_table(table)
     typer.echo(f"switchyard gateway on http://{settings.host}:{settings.port} "
                f"({len(table)} routes: {', '.join(table.names())})")
-    uvicorn.run(create_app(settings, gw), host=settings.host, port=settings.port, loop="uvloop",
-                http="httptools", access_log=False, log_level="warning", timeout_graceful_shutdown=30)
+    uvicorn.run(create_app(settings, gw), **server_options(settings))

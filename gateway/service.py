@@ -280,8 +280,11 @@ class Gateway:
 
 
 def default_session(settings: GatewaySettings) -> aiohttp.ClientSession:
-    """Pooled keep-alive connections to every engine; per-call timeouts are set by each caller."""
-    connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0, keepalive_timeout=60,
+    """Pooled keep-alive connections to every engine; per-call timeouts are set by each caller.
+    An idle connection is dropped before the engine would close it: reusing one the engine is closing
+    fails the request, and no retry is allowed once bytes may have reached the engine."""
+    connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0,
+                                     keepalive_timeout=settings.upstream_keepalive_s,
                                      ttl_dns_cache=None)
     return aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s),

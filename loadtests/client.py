@@ -53,7 +53,10 @@ class StreamingClient:
         self._http = httpx.AsyncClient(
             headers=headers, transport=transport,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                # below the servers' keep-alive (uvicorn and vLLM: 5 s unless raised): a
+                                # request sent on a connection the server is closing fails though nothing is wrong
+                                keepalive_expiry=4.0),
         )
 
     async def __aenter__(self) -> "StreamingClient":

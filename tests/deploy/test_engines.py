@@ -24,6 +24,16 @@ def test_adapter_mode_command_and_env(tmp_path: Path):
     assert "VLLM_CPU_KVCACHE_SPACE" not in build_env(launch, {}, cuda=True)
 
 
+def test_engines_keep_idle_connections_well_past_the_gateway_pool(tmp_path: Path):
+    """The gateway's pool must close an idle connection before the engine does (see GatewaySettings)."""
+    from gateway.settings import load_settings
+
+    pool = load_settings().upstream_keepalive_s
+    for cuda in (False, True):
+        env = build_env(EngineLaunch(tmp_path, "m", 1), {}, cuda=cuda)
+        assert float(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) > 2 * pool
+
+
 def test_plain_mode_has_no_lora_flags(tmp_path: Path):
     cmd = build_command(EngineLaunch(model=tmp_path, served_name="m", port=1))
     assert "--enable-lora" not in cmd and "--lora-modules" not in cmd

@@ -139,6 +139,37 @@ def test_unreachable_upstream_gives_503_with_retry_after_and_readyz_names_the_ro
         assert httpx.get(server.url + "/healthz").status_code == 200
 
 
+def test_an_idle_engine_connection_is_dropped_before_the_engine_would_close_it(fresh_canned):
+    """A request sent on a pooled connection just as the engine closes it for idleness fails (CI saw
+    it after a rollback): the pool must give up idle connections first, and still reuse busy ones."""
+    with serve_gateway(fresh_canned.url, upstream_keepalive_s=0.3, health_interval_s=60) as server:
+        def port_of_next_request() -> int:
+            before = len(fresh_canned.served())
+            assert httpx.post(server.url + "/v1/completions", json={"model": "canned-base", "prompt": "x"},
+                              headers=auth()).status_code == 200
+            (rec,) = fresh_canned.served()[before:]
+            return rec.client[1]
+
+        first = port_of_next_request()
+        assert port_of_next_request() == first  # reused while fresh
+        time.sleep(0.6)
+        assert port_of_next_request() != first  # idle past upstream_keepalive_s: a new connection
+
+
+def test_the_gateway_keeps_idle_client_connections_longer_than_clients_do():
+    """The same race on the client side: the OpenAI client (httpx) drops idle connections after 5 s,
+    and uvicorn would close them after 5 s too; the gateway's server must hold them longer."""
+    import uvicorn
+    from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+    from gateway.app import server_options
+    from gateway.settings import load_settings
+
+    config = uvicorn.Config(lambda *a: None, **server_options(load_settings()))
+    assert config.timeout_keep_alive > 2 * max(DEFAULT_CONNECTION_LIMITS.keepalive_expiry, httpx.Limits().keepalive_expiry)
+    assert config.loop == "uvloop" and config.http == "httptools"
+
+
 def test_upstream_timeouts(fresh_canned):
     with serve_gateway(fresh_canned.url, read_timeout_s=0.5, stream_idle_timeout_s=0.5) as server:
         r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "canned": {"delay_s": 2}}, headers=auth())
