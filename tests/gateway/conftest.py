@@ -46,7 +46,7 @@ def serve_gateway(upstream_url: str, routes=None, base_model: Path | None = None
                     base_model=base_model)
     for r in routes or [Route("stable", "base", "lora-x", "adapter"), Route("canned-base", "base", "canned-base", "base")]:
         gw.set_route(r)
-    with ServerThread(create_app(s, gw), free_port()) as server:
+    with ServerThread(create_app(s, gw), free_port(), timeout_keep_alive=s.client_keepalive_s) as server:
         server.gateway = gw
         yield server
 
