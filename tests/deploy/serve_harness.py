@@ -27,7 +27,10 @@ def write_config(config: DeploymentConfig, folder: Path, port: int, **gates: flo
         "[base]", f'model = "{config.base.model}"', f'name = "{config.base.name}"', "",
         "[engine]", f"max_lora_rank = {config.engine.max_lora_rank}", f"max_loras = {config.engine.max_loras}",
         f"max_model_len = {config.engine.max_model_len}", f"kv_cache_gib = {config.engine.kv_cache_gib}",
-        f'dtype = "{config.engine.dtype}"', "start_timeout_s = 900", "",
+        f'dtype = "{config.engine.dtype}"', "start_timeout_s = 900",
+        # merged engines (no LoRA) would compile with inductor on every start: ~30 s each idle, more
+        # under load, six starts in the module; these tests exercise switchyard, not vLLM's compiler
+        'extra_args = ["--enforce-eager"]', "",
         "[gateway]", 'host = "127.0.0.1"', f"port = {port}", f'state_dir = "{folder / "state"}"',
         f'adapters_root = "{config.adapters[0].path.parent}"', "",
         "[gates]", f"max_kl = {gates.get('max_kl', config.gates.max_kl)}",
