@@ -210,7 +210,6 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None,
     return app
 
 
-
 def server_options(settings: GatewaySettings, graceful_shutdown_s: float | None = 30) -> dict:
     """uvicorn's options for the gateway (`switchyard gateway` and `switchyard serve`): uvloop and
     httptools, and idle client connections kept open longer than clients keep theirs, so a client never
