@@ -67,6 +67,30 @@ def test_shared_engine_is_ready_and_stops_cleanly_on_request(base_engine):
     assert {"demo-base", "demo-reverse", "demo-sort"} <= names
 
 
+@pytest.mark.engine
+def test_the_engine_keeps_an_idle_connection_past_vllms_default(base_engine):
+    """VLLM_HTTP_TIMEOUT_KEEP_ALIVE reaches the engine: a connection idle for longer than vLLM's
+    default 5 s still carries the next request (the gateway drops its own after 4 s)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base_engine.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200 and not first.will_close
+        sock = conn.sock
+        time.sleep(6.5)
+        conn.request("GET", "/health")  # raises if the engine closed the idle connection
+        second = conn.getresponse()
+        second.read()
+        assert second.status == 200 and conn.sock is sock  # the same connection, not a new one
+    finally:
+        conn.close()
+
+
 def test_wait_ok_gives_up_on_a_closed_port_and_accepts_a_200(tmp_path):
     import http.server
     import threading
