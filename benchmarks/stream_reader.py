@@ -17,19 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 async def _aiohttp_arm(url: str, body: bytes, requests: int, concurrency: int) -> int:
@@ -108,34 +102,26 @@ def main() -> None:
 
     import uvloop
 
+    from benchmarks.gateway import cpu_seconds, start_canned
     from deploy.engines import free_port
 
     port = free_port()
-    upstream = subprocess.Popen([sys.executable, "-m", "gateway.canned", "--port", str(port)], cwd=ROOT)
+    upstream = start_canned(port)
     body = json.dumps({"model": "canned-base", "prompt": "x", "stream": True,
                        "canned": {"chunks": a.chunks, "chunk_delay_s": a.chunk_delay_ms / 1000}}).encode()
     url = f"http://127.0.0.1:{port}"
     results: dict[str, list[float]] = {"aiohttp": [], "protocol": []}
 
     async def run() -> None:
-        import aiohttp
-
-        for _ in range(100):  # until the upstream listens
-            try:
-                async with aiohttp.ClientSession() as s, s.get(url + "/health") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.1)
         for rnd in range(a.rounds):
             for arm in results:
-                c0, w0 = _cpu_s(), time.perf_counter()
+                c0, w0 = cpu_seconds(os.getpid()), time.perf_counter()
                 if arm == "aiohttp":
                     read = await _aiohttp_arm(url, body, a.requests, a.concurrency)
                 else:
                     read = await _protocol_arm("127.0.0.1", port, body, a.requests, a.concurrency)
                 n = a.requests // a.concurrency * a.concurrency
-                us = (_cpu_s() - c0) / n * 1e6
+                us = (cpu_seconds(os.getpid()) - c0) / n * 1e6
                 results[arm].append(us)
                 print(f"round {rnd}  {arm:8s} {us:6.0f} µs CPU/request  ({n} requests, {read / n:.0f} B each, "
                       f"{time.perf_counter() - w0:.1f} s)", flush=True)
