@@ -54,11 +54,18 @@ def start_canned(port: int) -> subprocess.Popen:
     return p
 
 
-def start_gateway(config: Path, upstream: str, port: int, cpus: set[int] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "SWITCHYARD_API_KEYS": "", "SWITCHYARD_ADMIN_KEY": ""}
+def start_gateway(config: Path, upstream: str, port: int, cpus: set[int] | None = None,
+                  env: dict[str, str] | None = None, checkout: Path | None = None) -> subprocess.Popen:
+    """`switchyard gateway` in its own process; `checkout`: run another checkout's code instead
+    (e.g. a `git worktree` of an earlier commit), with this checkout's virtual environment."""
+    env = {**os.environ, "SWITCHYARD_API_KEYS": "", "SWITCHYARD_ADMIN_KEY": "", **(env or {})}
     pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
-    p = subprocess.Popen([*pin, str(ROOT / ".venv/bin/switchyard"), "gateway", "--config", str(config),
-                          "--engine", upstream, "--port", str(port)], cwd=ROOT, env=env)
+    command = [str(ROOT / ".venv/bin/switchyard")]
+    if checkout is not None:
+        command = [sys.executable, "-m", "switchyard"]
+        env["PYTHONPATH"] = str(checkout)
+    p = subprocess.Popen([*pin, *command, "gateway", "--config", str(config),
+                          "--engine", upstream, "--port", str(port)], cwd=checkout or ROOT, env=env)
     wait_http(f"http://127.0.0.1:{port}/healthz")
     if not wait_ok(f"http://127.0.0.1:{port}/readyz", timeout_s=60, poll_s=0.2):
         raise RuntimeError("the gateway never became ready")

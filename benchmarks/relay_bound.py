@@ -108,6 +108,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--chunks", type=int, default=16)
     p.add_argument("--chunk-delay-ms", type=float, default=20.0)
+    p.add_argument("--asgi-arm", action="store_true",
+                   help="add `gateway-asgi`: the gateway with SWITCHYARD_DIRECT_STREAMS=false (streams through ASGI sends)")
+    p.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                   help="add `baseline`: the gateway of another checkout (e.g. `git worktree add /tmp/prev HEAD~1`)")
     a = p.parse_args()
     procs: list[subprocess.Popen] = []
     try:
@@ -122,6 +126,13 @@ def main() -> None:
             procs.append(gateway)
             relay = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(rport)])
             procs.append(relay)
+            extra = {}
+            if a.asgi_arm:
+                extra["gateway-asgi"] = start_gateway(config, upstream, free_port(),
+                                                      env={"SWITCHYARD_DIRECT_STREAMS": "false"})
+            if a.baseline:
+                extra["baseline"] = start_gateway(config, upstream, free_port(), checkout=a.baseline.resolve())
+            procs += extra.values()
             time.sleep(1.0)
             body = json.dumps({"model": "canned-base", "messages": [{"role": "user", "content": "hi"}],
                                "stream": True, "canned": {"chunks": a.chunks,
@@ -129,6 +140,8 @@ def main() -> None:
             path = "/v1/chat/completions"
             arms = {"direct": (upstream + path, None), "gateway": (f"http://127.0.0.1:{gport}{path}", gateway.pid),
                     "relay": (f"http://127.0.0.1:{rport}{path}", relay.pid)}
+            for arm, proc in extra.items():
+                arms[arm] = (f"http://127.0.0.1:{proc.args[proc.args.index('--port') + 1]}{path}", proc.pid)
             res = {arm: {"lat": [], "ttft": [], "cpu": 0.0, "n": 0, "errors": 0} for arm in arms}
             spread = a.chunks * a.chunk_delay_ms / 1e3
             for rnd in range(a.rounds):

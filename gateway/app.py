@@ -29,6 +29,7 @@ from gateway.core.auth import check_client
 from gateway.core.errors import BodyTooLarge, GatewayError, error_body
 from gateway.metrics import CONTENT_TYPE
 from gateway.proxy import handle_completion
+from gateway.server import GatewayProtocol
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 
@@ -211,9 +212,11 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None,
 
 
 def server_options(settings: GatewaySettings, graceful_shutdown_s: float | None = 30) -> dict:
-    """uvicorn's options for the gateway (`switchyard gateway` and `switchyard serve`): uvloop and
-    httptools, and idle client connections kept open longer than clients keep theirs, so a client never
-    sends on a connection the gateway is closing."""
-    return dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools", access_log=False,
+    """uvicorn's options for the gateway (`switchyard gateway` and `switchyard serve`): uvloop,
+    httptools with the direct write path for streams (gateway.server), and idle client connections
+    kept open longer than clients keep theirs, so a client never sends on a connection the gateway
+    is closing."""
+    http = GatewayProtocol if settings.direct_streams else "httptools"
+    return dict(host=settings.host, port=settings.port, loop="uvloop", http=http, access_log=False,
                 log_level="warning", timeout_keep_alive=settings.client_keepalive_s,
                 timeout_graceful_shutdown=int(graceful_shutdown_s or 0) or None)

@@ -31,6 +31,7 @@ from gateway.adapters import inspect_adapter, load_base_shapes
 from gateway.core.adapter_checks import AdapterSummary
 from gateway.core.errors import AdapterRejected, Conflict, GatewayError, NotFound, UpstreamUnavailable
 from gateway.core.routing import Route, RoutingTable
+from gateway.engine_stream import EnginePool
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream, probe_and_record
@@ -58,6 +59,8 @@ class Gateway:
         self._upstreams: dict[str, Upstream] = {}
         self._session_factory = session_factory or default_session
         self._client: aiohttp.ClientSession | None = None
+        # streamed completions: their own keep-alive pool, read by Protocols (gateway.engine_stream)
+        self.engines = EnginePool(settings.upstream_keepalive_s, settings.connect_timeout_s)
         self._health_task: asyncio.Task | None = None
         self._probes: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         self._base_shapes: dict[Path, dict[str, tuple[int, int]]] = {}
@@ -89,6 +92,7 @@ class Gateway:
         for task in [*self._probes, *inner]:
             task.cancel()
         await asyncio.gather(*self._probes, *inner, return_exceptions=True)
+        self.engines.close()
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -43,6 +43,9 @@ class GatewaySettings(BaseSettings):
     client_keepalive_s: int = Field(
         75, ge=1, description="idle client connections stay open this long: longer than clients keep theirs "
         "(httpx and so the openai client: 5 s), so a client never sends on a connection the gateway is closing")
+    direct_streams: bool = Field(
+        True, description="write streamed events straight to the client's socket (gateway.server); false: "
+        "through ASGI sends, as under any other server")
     upstream_keepalive_s: float = Field(
         4.0, gt=0, description="pooled engine connections idle longer than this are closed, never reused; keep it "
         "below the engines' keep-alive (vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s unless set; switchyard's engines: 75 s)")

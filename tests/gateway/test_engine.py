@@ -16,6 +16,7 @@ from deploy.engines import free_port
 from gateway.app import create_app
 from gateway.canned import ServerThread
 from gateway.core.routing import config_routes
+from gateway.server import GatewayProtocol
 from gateway.service import Gateway
 from gateway.settings import load_settings
 from tests.gateway.conftest import ADMIN_KEY, CLIENT_KEY, auth
@@ -33,7 +34,8 @@ def gw_server(base_engine, demo_config, demo_dir):
     gw.add_upstream("base", base_engine.url, max_lora_rank=demo_config.engine.max_lora_rank,
                     base_model=demo_config.base.model, probe_model=demo_config.base.name)
     gw.replace_table(config_routes(demo_config, "base"))
-    with ServerThread(create_app(s, gw), free_port(), timeout_keep_alive=s.client_keepalive_s) as server:
+    with ServerThread(create_app(s, gw), free_port(), timeout_keep_alive=s.client_keepalive_s,
+                      http=GatewayProtocol) as server:
         server.gateway, server.config, server.engine, server.root = gw, demo_config, base_engine, root
         yield server
 

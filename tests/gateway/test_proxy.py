@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from deploy.engines import free_port
-from gateway.core.routing import Route
+from gateway.server import GatewayProtocol
 from tests.gateway.conftest import ADMIN_KEY, CLIENT_KEY, auth, serve_gateway
 
 CHAT = {"model": "stable", "messages": [{"role": "user", "content": "hi"}]}
@@ -40,10 +40,10 @@ def test_model_is_rewritten_both_ways_and_headers_name_mode_and_upstream(gateway
     assert c.model == "canned-base" and c.usage.completion_tokens == 8
 
 
-def test_streams_pass_through_chunk_by_chunk(gateway_url):
+def test_streams_pass_through_chunk_by_chunk(stream_gateway):
     body = {**CHAT, "stream": True, "canned": {"chunks": 4, "chunk_delay_s": 0.3}}
     arrivals = []
-    with httpx.stream("POST", gateway_url.url + "/v1/chat/completions", json=body, headers=auth()) as r:
+    with httpx.stream("POST", stream_gateway.url + "/v1/chat/completions", json=body, headers=auth()) as r:
         assert r.headers["x-switchyard-mode"] == "adapter"
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -53,28 +53,29 @@ def test_streams_pass_through_chunk_by_chunk(gateway_url):
     assert all(json.loads(p)["model"] == "stable" for p in payloads[:-1])
     gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:-1])]
     assert min(gaps) > 0.15  # each chunk arrived when the upstream sent it: nothing was buffered
+    assert (stream_gateway.direct_writes() >= 3) == (stream_gateway.path == "direct")
 
 
-def test_usage_chunk_is_requested_upstream_and_stripped_unless_asked(gateway_url, fresh_canned):
-    chunks = list(client(gateway_url).chat.completions.create(**CHAT, stream=True))
+def test_usage_chunk_is_requested_upstream_and_stripped_unless_asked(stream_gateway, fresh_canned):
+    chunks = list(client(stream_gateway).chat.completions.create(**CHAT, stream=True))
     assert all(c.usage is None for c in chunks) and len(chunks) == 8
     upstream_sent = json.loads(fresh_canned.served()[-1].body)
     assert upstream_sent["stream_options"] == {"include_usage": True}
-    asked = list(client(gateway_url).chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True}))
+    asked = list(client(stream_gateway).chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True}))
     assert asked[-1].usage.completion_tokens == 8
-    metrics = httpx.get(gateway_url.url + "/metrics").text
+    metrics = httpx.get(stream_gateway.url + "/metrics").text
     assert 'switchyard_completion_tokens_total{mode="adapter",route="stable"} 16.0' in metrics
     assert 'switchyard_requests_total{mode="adapter",route="stable",status="200"} 2.0' in metrics
     assert "switchyard_time_to_first_token_seconds_bucket" in metrics
 
 
-def test_a_stream_counts_as_complete_when_the_engine_ends_its_body_late(gateway_url, fresh_canned):
+def test_a_stream_counts_as_complete_when_the_engine_ends_its_body_late(stream_gateway, fresh_canned):
     body = {**CHAT, "model": "canned-base", "stream": True, "canned": {"chunks": 3, "end_delay_s": 0.3}}
     for _ in range(2):
-        r = httpx.post(gateway_url.url + "/v1/chat/completions", json=body, headers=auth())
+        r = httpx.post(stream_gateway.url + "/v1/chat/completions", json=body, headers=auth())
         assert events_of(r.text)[-1] == "[DONE]"
     time.sleep(0.5)
-    metrics = httpx.get(gateway_url.url + "/metrics").text
+    metrics = httpx.get(stream_gateway.url + "/metrics").text
     assert 'switchyard_requests_total{mode="base",route="canned-base",status="200"} 2.0' in metrics
     assert 'status="499"' not in metrics
     assert fresh_canned.completed == 2 and fresh_canned.aborted == 0
@@ -167,11 +168,14 @@ def test_the_gateway_keeps_idle_client_connections_longer_than_clients_do():
 
     config = uvicorn.Config(lambda *a: None, **server_options(load_settings()))
     assert config.timeout_keep_alive > 2 * max(DEFAULT_CONNECTION_LIMITS.keepalive_expiry, httpx.Limits().keepalive_expiry)
-    assert config.loop == "uvloop" and config.http == "httptools"
+    assert config.loop == "uvloop" and config.http is GatewayProtocol
+    assert server_options(load_settings(direct_streams=False))["http"] == "httptools"  # the way back, if needed
 
 
-def test_upstream_timeouts(fresh_canned):
-    with serve_gateway(fresh_canned.url, read_timeout_s=0.5, stream_idle_timeout_s=0.5) as server:
+@pytest.mark.parametrize("http", ["direct", "asgi"])
+def test_upstream_timeouts(fresh_canned, http):
+    with serve_gateway(fresh_canned.url, http=GatewayProtocol if http == "direct" else "httptools",
+                       read_timeout_s=0.5, stream_idle_timeout_s=0.5) as server:
         r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "canned": {"delay_s": 2}}, headers=auth())
         assert r.status_code == 504
         body = {**CHAT, "stream": True, "canned": {"chunks": 5, "hang_after": 2}}
@@ -182,8 +186,8 @@ def test_upstream_timeouts(fresh_canned):
 
 
 @pytest.mark.parametrize("failure", [{"fail_after": 3}, {"truncate_after": 3}])
-def test_a_broken_stream_ends_with_an_error_event_never_a_clean_end(gateway_url, failure):
-    stream = client(gateway_url).chat.completions.create(**CHAT, stream=True, extra_body={"canned": failure})
+def test_a_broken_stream_ends_with_an_error_event_never_a_clean_end(stream_gateway, failure):
+    stream = client(stream_gateway).chat.completions.create(**CHAT, stream=True, extra_body={"canned": failure})
     got = []
     with pytest.raises(openai.APIError, match="incomplete"):
         for chunk in stream:
@@ -191,16 +195,16 @@ def test_a_broken_stream_ends_with_an_error_event_never_a_clean_end(gateway_url,
     assert len(got) == 3
 
 
-def test_client_disconnect_aborts_the_upstream_request(gateway_url, fresh_canned):
+def test_client_disconnect_aborts_the_upstream_request(stream_gateway, fresh_canned):
     body = {**CHAT, "stream": True, "canned": {"chunks": 200, "chunk_delay_s": 0.05}}
-    with httpx.stream("POST", gateway_url.url + "/v1/chat/completions", json=body, headers=auth()) as r:
+    with httpx.stream("POST", stream_gateway.url + "/v1/chat/completions", json=body, headers=auth()) as r:
         it = r.iter_lines()
         assert next(it).startswith("data: ")
     deadline = time.monotonic() + 5
     while fresh_canned.aborted == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert fresh_canned.aborted == 1 and fresh_canned.completed == 0
-    ups = httpx.get(gateway_url.url + "/admin/upstreams", headers=auth(ADMIN_KEY)).json()["upstreams"]
+    ups = httpx.get(stream_gateway.url + "/admin/upstreams", headers=auth(ADMIN_KEY)).json()["upstreams"]
     assert ups[0]["in_flight"] == 0
 
 
@@ -215,12 +219,12 @@ def test_client_disconnect_aborts_a_plain_request_too(gateway_url, fresh_canned)
     assert gateway_url.gateway.in_flight("base") == 0
 
 
-def test_a_route_switch_while_streams_run_loses_none_of_them(gateway_url, fresh_canned):
+def test_a_route_switch_while_streams_run_loses_none_of_them(stream_gateway, fresh_canned):
     n, chunks = 8, 12
     results: list[list[str]] = [[] for _ in range(n)]
 
     def run(i):
-        with client(gateway_url).chat.completions.create(
+        with client(stream_gateway).chat.completions.create(
                 **CHAT, stream=True, extra_body={"canned": {"chunks": chunks, "chunk_delay_s": 0.05}}) as s:
             results[i] = [c.model for c in s]
 
@@ -230,12 +234,12 @@ def test_a_route_switch_while_streams_run_loses_none_of_them(gateway_url, fresh_
     admin = auth(ADMIN_KEY)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # switch while all streams are in flight
-        ups = httpx.get(gateway_url.url + "/admin/upstreams", headers=admin).json()["upstreams"]
+        ups = httpx.get(stream_gateway.url + "/admin/upstreams", headers=admin).json()["upstreams"]
         if ups[0]["in_flight"] == n:
             break
         time.sleep(0.02)
     assert ups[0]["in_flight"] == n
-    r = httpx.put(gateway_url.url + "/admin/routes/stable", headers=admin,
+    r = httpx.put(stream_gateway.url + "/admin/routes/stable", headers=admin,
                   json={"upstream": "base", "upstream_model": "lora-y", "mode": "adapter"})
     assert r.status_code == 200
     for t in threads:
@@ -244,7 +248,7 @@ def test_a_route_switch_while_streams_run_loses_none_of_them(gateway_url, fresh_
     sent = [json.loads(rec.body)["model"] for rec in fresh_canned.served() if rec.path.endswith("completions")
             and b'"stream":true' in rec.body]
     assert sent[:n] == ["lora-x"] * n  # the old route, kept by each in-flight request
-    client(gateway_url).chat.completions.create(**CHAT)
+    client(stream_gateway).chat.completions.create(**CHAT)
     assert json.loads(fresh_canned.served()[-1].body)["model"] == "lora-y"  # new requests see the new table
-    metrics = httpx.get(gateway_url.url + "/metrics").text
+    metrics = httpx.get(stream_gateway.url + "/metrics").text
     assert 'switchyard_route_switches_total{route="stable"} 2.0' in metrics  # created, then switched
