@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -217,6 +218,7 @@ class EnginePool:
         self.opened = 0  # connections opened so far (for tests and metrics)
 
     @staticmethod
+    @functools.lru_cache(maxsize=256)  # called per request with a handful of engine URLs
     def key_of(url: str) -> tuple[str, int]:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:

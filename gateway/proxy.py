@@ -30,7 +30,7 @@ from gateway.core.rewrite import (
     upstream_body, usage_of,
 )
 from gateway.core.routing import Route
-from gateway.core.sse import SSEFramer, process_event
+from gateway.core.sse import SSEFramer, plain_events, process_event
 from gateway.engine_stream import EngineConnection, EngineGone, EngineSilent, request_bytes
 from gateway.server import EXTENSION
 from gateway.service import Gateway
@@ -59,8 +59,6 @@ async def handle_completion(gw: Gateway, request: Request, kind: Kind) -> Respon
     route = gw.table.resolve(req.model)  # once: a table swap from now on does not move this request
     up = gw.available(route)
     s = gw.settings
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
-                                    sock_read=s.stream_idle_timeout_s if req.stream else s.read_timeout_s)
     body = upstream_body(req, route.upstream_model, raw)
     headers = forward_request_headers(request.headers.items())
     url = up.url + PATHS[kind]
@@ -69,6 +67,7 @@ async def handle_completion(gw: Gateway, request: Request, kind: Kind) -> Respon
     try:
         if not req.stream:
             # vLLM answers a plain request only when it is done: watch the client for the whole wait
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s)
             whole = await _unless_disconnected(request.receive, _fetch_whole(gw, up, url, body, headers, timeout))
             if whole is None:
                 gw.metrics.route(route.name, route.mode).count("499")
@@ -288,26 +287,33 @@ class _Relay:
     def body(self, data: bytes) -> None:
         if self.finished.done():
             return
-        out = []
-        for event in self.framer.feed(data):
-            info = process_event(event, self.rename, self.strip)
-            if info.usage:
-                self.metrics.usage(info.usage)
-            self.done = self.done or info.done
-            if info.out is not None:
-                out.append(info.out)
-        if not out:
-            return
+        chunk = None if self.framer.pending() else plain_events(data, self.rename)
+        if chunk is None:
+            out = []
+            for event in self.framer.feed(data):
+                info = process_event(event, self.rename, self.strip)
+                if info.usage:
+                    self.metrics.usage(info.usage)
+                self.done = self.done or info.done
+                if info.out is not None:
+                    out.append(info.out)
+            if not out:
+                return
+            chunk = b"".join(out)
+            if self.done and not self.framer.pending():  # [DONE]: the response ends with these bytes, in one write
+                self._first_out()
+                self._finish(chunk, None)
+                return
         if self.first:
-            self.first = False
-            self.metrics.ttft.observe(time.perf_counter() - self.arrived)
-        chunk = b"".join(out)
-        if self.done and not self.framer.pending():  # [DONE]: the response ends with these bytes, in one write
-            self._finish(chunk, None)
-            return
+            self._first_out()
         if self.out.write(chunk):  # the client is not keeping up: stop reading the engine until it does
             self.conn.pause()
             self.out.when_writable(self.conn.resume)
+
+    def _first_out(self) -> None:
+        if self.first:
+            self.first = False
+            self.metrics.ttft.observe(time.perf_counter() - self.arrived)
 
     def end(self, error: BaseException | None) -> None:
         up, s = self.up, self.gw.settings
@@ -343,11 +349,8 @@ class _DirectOut:
 
     def __init__(self, direct) -> None:
         self.direct = direct
+        self.write = direct.write  # (chunk) -> True when the client's buffer is full; bound once: per event
         self._resuming: asyncio.Task | None = None
-
-    def write(self, chunk: bytes) -> bool:
-        self.direct.write(chunk)
-        return self.direct.paused
 
     def when_writable(self, callback) -> None:
         async def wait() -> None:

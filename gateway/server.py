@@ -49,11 +49,13 @@ class DirectWriter:
     async def drain(self) -> None:
         await self._cycle.flow.drain()
 
-    def write(self, data: bytes) -> None:
-        """One chunk of the response body (never empty: an empty chunk would end the response)."""
+    def write(self, data: bytes) -> bool:
+        """One chunk of the response body (never empty: an empty chunk would end the response).
+        True when the client's socket buffer is full: stop feeding until `drain()` returns."""
         c = self._cycle
         if data and not c.disconnected:
             c.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return c.flow.write_paused
 
 
 class GatewayProtocol(HttpToolsProtocol):

@@ -64,6 +64,7 @@ class Gateway:
         self._health_task: asyncio.Task | None = None
         self._probes: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         self._base_shapes: dict[Path, dict[str, tuple[int, int]]] = {}
+        self._gauges: dict[str, object] = {}
         self.created = int(time.time())
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -137,6 +138,7 @@ class Gateway:
         if routed:
             raise Conflict(f"routes still point at upstream {name!r}: {', '.join(routed)}", "switch them first")
         del self._upstreams[up.name]
+        self._gauges.pop(name, None)
         self.metrics.in_flight.remove(name)
         self.metrics.upstream_healthy.remove(name)
 
@@ -159,12 +161,19 @@ class Gateway:
 
     def enter(self, up: Upstream) -> None:
         up.enter()
-        self.metrics.in_flight.labels(up.name).set(up.in_flight)
+        self._in_flight_gauge(up).set(up.in_flight)
 
     def leave(self, up: Upstream) -> None:
         up.leave()
         if up.name in self._upstreams:
-            self.metrics.in_flight.labels(up.name).set(up.in_flight)
+            self._in_flight_gauge(up).set(up.in_flight)
+
+    def _in_flight_gauge(self, up: Upstream):
+        """The upstream's labelled gauge, looked up once (labels() costs a lock and a dict per call)."""
+        gauge = self._gauges.get(up.name)
+        if gauge is None:
+            gauge = self._gauges[up.name] = self.metrics.in_flight.labels(up.name)
+        return gauge
 
     def available(self, route: Route) -> Upstream:
         """The route's upstream, or UpstreamUnavailable (503 + Retry-After) if it is gone or down."""

@@ -69,9 +69,9 @@ def stream_gateway(request, fresh_canned, monkeypatch):
     writes = [0]
     original = DirectWriter.write
 
-    def counting(self, data: bytes) -> None:
+    def counting(self, data: bytes) -> bool:
         writes[0] += 1
-        original(self, data)
+        return original(self, data)
 
     monkeypatch.setattr(DirectWriter, "write", counting)
     http = GatewayProtocol if request.param == "direct" else "httptools"

@@ -12,7 +12,7 @@ from gateway.core.rewrite import (
     forward_request_headers, model_renamer, parse_request, response_headers, upstream_body, usage_of,
 )
 from gateway.core.routing import Route, RoutingTable
-from gateway.core.sse import SSEFramer, process_event
+from gateway.core.sse import SSEFramer, plain_events, process_event
 
 
 # --- routing ---------------------------------------------------------------------------------------
@@ -147,3 +147,19 @@ def test_process_event_strips_the_usage_chunk_the_client_did_not_ask_for():
     assert "usage" not in json.loads(info.out[6:]) and json.loads(info.out[6:])["choices"] == [{"text": "x"}]
     assert process_event(b"data: [DONE]\n\n", rename, True).done
     assert process_event(sse_error_event("boom"), rename, True).error
+
+
+def test_the_one_step_rewrite_equals_the_per_event_one_or_declines():
+    rename = model_renamer("lora-x", "stable")
+
+    def per_event(data: bytes) -> bytes:
+        out = [process_event(e, rename, True).out for e in SSEFramer().feed(data)]
+        return b"".join(o for o in out if o is not None)
+
+    one = b'data: {"id":"c","model":"lora-x","choices":[{"delta":{"content":"hi"}}]}\n\n'
+    two = one + b'data: {"id":"c","model":"lora-x","choices":[{"delta":{"content":"\\"model\\":\\"lora-x\\""}}]}\n\n'
+    for data in (one, two, b": keep-alive\n\n" + one):
+        assert plain_events(data, rename) == per_event(data) and b"lora-x" not in plain_events(data, rename)[:40]
+    usage = b'data: {"id":"c","model":"lora-x","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+    for data in (one + b"data: [DONE]\n\n", usage, one[:-1], one.replace(b"\n\n", b"\r\n\r\n"), one + b"data: {"):
+        assert plain_events(data, rename) is None  # [DONE], usage, a partial event, CRLF framing: per event

@@ -252,3 +252,18 @@ def test_a_route_switch_while_streams_run_loses_none_of_them(stream_gateway, fre
     assert json.loads(fresh_canned.served()[-1].body)["model"] == "lora-y"  # new requests see the new table
     metrics = httpx.get(stream_gateway.url + "/metrics").text
     assert 'switchyard_route_switches_total{route="stable"} 2.0' in metrics  # created, then switched
+
+
+def test_an_unexpected_error_on_a_proxied_route_is_an_openai_style_500(fresh_canned, monkeypatch):
+    """The proxied routes are served ahead of FastAPI's error middleware: they format their own 500."""
+    import gateway.app
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gateway.app, "handle_completion", broken)
+    with serve_gateway(fresh_canned.url) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json=CHAT, headers=auth())
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert "a bug" not in r.text  # internals stay in the log
+        assert httpx.get(server.url + "/healthz").status_code == 200
