@@ -261,8 +261,10 @@ class _ProxyStream(Response):
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             outcome = str(failure[0]) if failure else "200"
         finally:
-            if isinstance(relay, _Relay) and relay.out_direct is not None:
-                relay.out_direct.on_lost = None
+            if relay is not None:
+                relay.out.finished()  # a pending resume-after-drain task is not needed any more
+                if relay.out_direct is not None:
+                    relay.out_direct.on_lost = None
             gw.engines.finish(conn, ok=outcome == "200")
             gw.leave(up)
             metrics.count(outcome)
