@@ -82,7 +82,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# switchyard load test", ""]
     if report["interrupted"]:
         lines += ["**Interrupted: partial results.**", ""]
-    lines += [f"- targets: " + ", ".join(f"`{t['label']}` ({t['model']} at {t['url']})" for t in cfg["targets"]),
+    lines += ["- targets: " + ", ".join(f"`{t['label']}` ({t['model']} at {t['url']})" for t in cfg["targets"]),
               f"- workload: {cfg['workload']}",
               f"- per target and level: {cfg['per_level']}; warm-up {cfg['warmup']} (excluded); seed {cfg['seed']}",
               "- latencies in ms; throughput per target over the time its own batches ran", ""]

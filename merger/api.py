@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 from merger.core.combine import METHODS
 from merger.core.plan import PlanOptions, build_plan, step_tensors
-from merger.errors import InputError, OutputError, UnsupportedAdapterError
+from merger.errors import InputError, OutputError
 from merger.io.adapter import load_adapter
 from merger.io.checkpoint import Checkpoint
 from merger.io.writer import StreamingShardWriter, index_json, parse_size, plan_shards, OutTensor

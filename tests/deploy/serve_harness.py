@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 
-from deploy.engines import free_port
 from switchyard.config import DeploymentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
