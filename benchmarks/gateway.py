@@ -55,17 +55,18 @@ def start_canned(port: int) -> subprocess.Popen:
 
 
 def start_gateway(config: Path, upstream: str, port: int, cpus: set[int] | None = None,
-                  env: dict[str, str] | None = None, checkout: Path | None = None) -> subprocess.Popen:
-    """`switchyard gateway` in its own process; `checkout`: run another checkout's code instead
-    (e.g. a `git worktree` of an earlier commit), with this checkout's virtual environment."""
+                  env: dict[str, str] | None = None, checkout: Path | None = None, log=None) -> subprocess.Popen:
+    """`switchyard gateway` in its own process, with this interpreter; `checkout`: run another
+    checkout's code instead (e.g. an earlier commit from `git archive`) with the same libraries.
+    Returns once the gateway is ready."""
     env = {**os.environ, "SWITCHYARD_API_KEYS": "", "SWITCHYARD_ADMIN_KEY": "", **(env or {})}
+    if checkout is not None:  # that checkout's code first; other entries (e.g. vLLM's site) stay
+        rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout), *rest])
     pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
-    command = [str(ROOT / ".venv/bin/switchyard")]
-    if checkout is not None:
-        command = [sys.executable, "-m", "switchyard"]
-        env["PYTHONPATH"] = str(checkout)
-    p = subprocess.Popen([*pin, *command, "gateway", "--config", str(config),
-                          "--engine", upstream, "--port", str(port)], cwd=checkout or ROOT, env=env)
+    p = subprocess.Popen([*pin, sys.executable, "-m", "switchyard", "gateway", "--config", str(config),
+                          "--engine", upstream, "--port", str(port)], cwd=checkout or ROOT, env=env,
+                         stdout=log, stderr=subprocess.STDOUT if log else None)
     wait_http(f"http://127.0.0.1:{port}/healthz")
     if not wait_ok(f"http://127.0.0.1:{port}/readyz", timeout_s=60, poll_s=0.2):
         raise RuntimeError("the gateway never became ready")

@@ -52,10 +52,7 @@ class CannedUpstream:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await serve_lifespan(receive, send)
         body = b""
         while True:
             msg = await receive()
@@ -143,6 +140,13 @@ class CannedUpstream:
             self.completed += 1
         finally:
             watcher.cancel()
+
+
+async def serve_lifespan(receive, send) -> None:
+    """An ASGI lifespan scope for an app with nothing to start or stop."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
 
 
 async def _disconnected_within(receive, seconds: float) -> bool:

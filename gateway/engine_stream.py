@@ -117,7 +117,8 @@ class EngineConnection(asyncio.Protocol):
         else:
             self._wake(b"".join(self._chunks))
         if self._after_complete is not None:
-            self._after_complete()
+            callback, self._after_complete = self._after_complete, None
+            callback()
 
     # --- the request ------------------------------------------------------------------------------
     def send(self, request: bytes, timeout_s: float) -> None:
@@ -160,6 +161,12 @@ class EngineConnection(asyncio.Protocol):
             self._paused = False
             self._last = time.monotonic()
             self.transport.resume_reading()
+
+    def when_complete(self, callback) -> None:
+        """The caller is done with the response: ignore the rest of its body, call `callback` once
+        the response has ended (never if the connection closes first)."""
+        self._sink = None
+        self._after_complete = callback
 
     def close(self) -> None:
         """Drop the connection (an engine aborts a request whose connection closes)."""
@@ -260,11 +267,9 @@ class EnginePool:
 
         def completed() -> None:
             timer.cancel()
-            conn._after_complete = None
             self._put(conn) if conn.reusable else conn.close()
 
-        conn._sink = None
-        conn._after_complete = completed
+        conn.when_complete(completed)
 
     def _put(self, conn: EngineConnection) -> None:
         conn.idle_since = time.monotonic()

@@ -263,8 +263,8 @@ class _ProxyStream(Response):
         finally:
             if relay is not None:
                 relay.out.finished()  # a pending resume-after-drain task is not needed any more
-                if relay.out_direct is not None:
-                    relay.out_direct.on_lost = None
+                if isinstance(relay.out, _DirectOut):
+                    relay.out.direct.on_lost = None
             gw.engines.finish(conn, ok=outcome == "200")
             gw.leave(up)
             metrics.count(outcome)
@@ -278,7 +278,6 @@ class _Relay:
     def __init__(self, gw: Gateway, up: Upstream, route: Route, req: CompletionRequest,
                  conn: EngineConnection, out, metrics, arrived: float) -> None:
         self.gw, self.up, self.conn, self.out, self.metrics, self.arrived = gw, up, conn, out, metrics, arrived
-        self.out_direct = out.direct if isinstance(out, _DirectOut) else None
         self.rename = model_renamer(route.upstream_model, route.name)
         self.strip = not req.client_wants_usage
         self.framer = SSEFramer()

@@ -15,31 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.gateway import cpu_seconds
-from deploy.engines import Engine, EngineLaunch, free_port, has_cuda_gpu, wait_ok
-from loadtests.gpu.modes import log, pack_reports
+from benchmarks.gateway import cpu_seconds, start_gateway
+from deploy.engines import Engine, EngineLaunch, free_port, has_cuda_gpu
+from loadtests.gpu.modes import gpu_description, log, pack_reports
 
 NAME = "llama8b"
-
-
-def start_gateway(config: Path, engine_url: str, out: Path, label: str, checkout: Path | None = None,
-                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "SWITCHYARD_API_KEYS": "", "SWITCHYARD_ADMIN_KEY": "", **(env or {})}
-    if checkout is not None:  # that checkout's code first, the same libraries
-        env["PYTHONPATH"] = os.pathsep.join([str(checkout), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                                              if p and Path(p).resolve() != Path.cwd().resolve()]])
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "switchyard", "gateway", "--config", str(config),
-                             "--engine", engine_url, "--port", str(port)],
-                            cwd=checkout or Path.cwd(), env=env, stdout=open(out / f"{label}.log", "w"),
-                            stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = has_cuda_gpu()
     summary: dict = {"cuda": cuda, "settings": vars(args) | {"out": str(out), "model": str(model)}}
     if cuda:
-        summary["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                                         "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+        summary["gpu"] = gpu_description()
     config = out / "switchyard.toml"
     config.write_text(f'[base]\nmodel = "{model}"\nname = "{NAME}"\n\n[engine]\nmax_model_len = {args.max_model_len}\n')
     engine = Engine(EngineLaunch(model, NAME, free_port(), max_model_len=args.max_model_len,
@@ -86,11 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.previous:
             arms["previous"] = (args.previous.resolve(), None)
         for label, (checkout, env) in arms.items():
-            proc, url = start_gateway(config, engine.url, out, label, checkout, env)
-            gateways[label] = proc
-            if not wait_ok(f"{url}/readyz", timeout_s=60, poll_s=0.2):
-                raise RuntimeError(f"the {label} gateway never became ready (see {label}.log)")
-            targets.append(Target(label, url, NAME))
+            port = free_port()
+            gateways[label] = start_gateway(config, engine.url, port, env=env, checkout=checkout,
+                                            log=open(out / f"{label}.log", "w"))
+            targets.append(Target(label, f"http://127.0.0.1:{port}", NAME))
         log("gateways ready: " + ", ".join(gateways), t0)
         levels = tuple(parse_levels(args.concurrency, None, False))
         per = max(3.0, min(args.duration, (deadline - time.time() - 60) / (len(targets) * len(levels) * args.rounds) - 3))

@@ -55,6 +55,12 @@ path = "lora"
     return path
 
 
+def gpu_description() -> str:
+    """The GPU's name, memory and driver, as nvidia-smi reports them (for a run's summary)."""
+    return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip()
+
+
 def log(msg: str, t0: float) -> None:
     print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
@@ -81,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = has_cuda_gpu()
     summary: dict = {"cuda": cuda, "settings": vars(args) | {"out": str(out), "models": str(models)}}
     if cuda:
-        summary["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                                         "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+        summary["gpu"] = gpu_description()
     if args.kv_cache is None:
         total_mib = 0.0
         if cuda:

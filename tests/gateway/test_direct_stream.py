@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from deploy.engines import free_port
-from gateway.canned import ServerThread
+from gateway.canned import ServerThread, serve_lifespan
 from gateway.engine_stream import EngineConnection, EngineGone, EnginePool, EngineSilent, request_bytes
 from gateway.server import EXTENSION, GatewayProtocol
 from tests.gateway.conftest import CLIENT_KEY, auth, serve_gateway
@@ -29,10 +29,7 @@ class _WritesDirectly:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await serve_lifespan(receive, send)
         writer = scope.get("extensions", {}).get(EXTENSION)
         self.offered.append(writer is not None)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
