@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/write_paths.py [--gb 2.3] [--rounds 2] [--dir /tmp]
 
 Paths: `write()` from a user buffer (what Python's file objects do), `vmsplice` + `splice` through a
-pipe (`merger.io.splicewrite`, what `switchyard merge` uses), and `cp` of a file of the same size
-(`copy_file_range`: the kernel copies page cache to page cache). Each run writes a fresh file, fsyncs
+pipe (`merger.io.splicewrite`, what `switchyard merge` uses where O_DIRECT is refused), O_DIRECT
+through an aligned staging buffer (`merger.io.directwrite`, what it uses where the file system takes
+it), and `cp` of a file of the same size (`copy_file_range`: the kernel copies page cache to page
+cache). Each run writes a fresh file, fsyncs
 it and deletes it, with a pause before each so that no run inherits pages another just freed.
 Prints one JSON line per run, then a summary per path (median seconds of system time).
 """
@@ -54,6 +56,17 @@ def by_splice(path: Path, buf: bytearray, n: int) -> None:
     sw.close()
 
 
+def by_direct(path: Path, buf: bytearray, n: int) -> None:
+    from merger.io.directwrite import DirectFile
+
+    f = DirectFile.open(path)
+    if f is None:
+        raise SystemExit(f"O_DIRECT is refused under {path.parent}")
+    for _ in range(n):
+        f.write(buf)
+    f.close()  # fsyncs
+
+
 def by_cp(path: Path, src: Path) -> float:
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
     subprocess.run(["bash", "-c", f"cp {src} {path} && sync"], check=True)
@@ -71,7 +84,8 @@ def main() -> None:
     buf = bytearray(os.urandom(1 << 20)) * (CHUNK >> 20)
     src, dst = args.dir / "write_paths.src", args.dir / "write_paths.out"
     by_write(src, buf, n)  # cp's source, read through the page cache
-    results: dict[str, list[float]] = {"write": [], "vmsplice+splice": [], "cp": []}
+    results: dict[str, list[float]] = {"write": [], "vmsplice+splice": [], "O_DIRECT": [], "cp": []}
+    walls: dict[str, list[float]] = {k: [] for k in results}
     try:
         for r in range(args.rounds):
             for name in results:
@@ -80,17 +94,19 @@ def main() -> None:
                 if name == "cp":
                     sys_s = by_cp(dst, src)
                 else:
-                    (by_write if name == "write" else by_splice)(dst, buf, n)
+                    {"write": by_write, "vmsplice+splice": by_splice, "O_DIRECT": by_direct}[name](dst, buf, n)
                     sys_s = _sys_s() - s0
                 wall = time.perf_counter() - t0
                 dst.unlink()
                 results[name].append(sys_s)
+                walls[name].append(wall)
                 print(json.dumps({"round": r, "path": name, "bytes": n * CHUNK, "wall_s": round(wall, 2),
                                   "sys_s": round(sys_s, 2)}), flush=True)
     finally:
         src.unlink(missing_ok=True)
         dst.unlink(missing_ok=True)
-    print(json.dumps({k: {"median_sys_s": round(statistics.median(v), 2), "runs": v} for k, v in results.items()}))
+    print(json.dumps({k: {"median_sys_s": round(statistics.median(v), 2), "median_wall_s":
+                          round(statistics.median(walls[k]), 2), "sys_runs": v} for k, v in results.items()}))
 
 
 if __name__ == "__main__":

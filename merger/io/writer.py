@@ -18,6 +18,7 @@ from pathlib import Path
 
 from merger.errors import OutputError
 from merger.io.checkpoint import DTYPE_SIZES
+from merger.io.directwrite import DirectFile
 from merger.io.splicewrite import SpliceRefused, SpliceWriter
 
 _PARALLEL_HASH_BYTES = 1 << 20  # below this a thread hand-off costs more than it saves
@@ -102,6 +103,7 @@ class StreamingShardWriter:
         self._queue = [(p, t) for p in plans for t in p.tensors]
         self._pos = 0
         self._file = None
+        self._direct: DirectFile | None = None  # the shard, when written past the page cache
         self._hash = None
         self._plan: ShardPlan | None = None
         self._hash_pool: ThreadPoolExecutor | None = None
@@ -110,7 +112,10 @@ class StreamingShardWriter:
     def _open(self, plan: ShardPlan) -> None:
         self._close_current()
         self._plan = plan
-        self._file = open(self.folder / plan.filename, "wb", buffering=0)
+        path = self.folder / plan.filename
+        # O_DIRECT where the file system takes it (merger.io.directwrite); else the page cache
+        self._direct = DirectFile.open(path)
+        self._file = open(path, "wb", buffering=0) if self._direct is None else None
         self._hash = hashlib.sha256()
         self._write(plan.header)
 
@@ -122,7 +127,10 @@ class StreamingShardWriter:
         if hashing is None:
             self._hash.update(view)
         try:
-            if self._splice.usable and view.nbytes >= _SPLICE_BYTES:
+            if self._direct is not None:
+                self._direct.write(view)
+                view = view[view.nbytes:]
+            elif self._splice.usable and view.nbytes >= _SPLICE_BYTES:
                 try:
                     self._splice.write(self._file.fileno(), view)
                     view = view[view.nbytes:]
@@ -132,13 +140,16 @@ class StreamingShardWriter:
                 n = self._file.write(view)
                 view = view[n:]
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise OutputError(f"disk full while writing {self._plan.filename}",
-                                  "free space beside --out and retry; the partial output was removed") from exc
-            raise OutputError(f"cannot write {self._plan.filename}: {exc.strerror}", "check --out") from exc
+            raise self._failed(exc) from exc
         finally:
             if hashing is not None:
                 hashing.result()
+
+    def _failed(self, exc: OSError) -> OutputError:
+        if exc.errno == errno.ENOSPC:
+            return OutputError(f"disk full while writing {self._plan.filename}",
+                               "free space beside --out and retry; the partial output was removed")
+        return OutputError(f"cannot write {self._plan.filename}: {exc.strerror}", "check --out")
 
     def _hasher(self) -> ThreadPoolExecutor:
         if self._hash_pool is None:
@@ -168,6 +179,14 @@ class StreamingShardWriter:
         self._pos += 1
 
     def _close_current(self) -> None:
+        if self._direct is not None:
+            try:
+                self._direct.close()
+            except OSError as exc:  # the staged tail, the length or the fsync
+                raise self._failed(exc) from exc
+            finally:
+                self._direct = None
+            self.sha256[self._plan.filename] = self._hash.hexdigest()
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -187,6 +206,9 @@ class StreamingShardWriter:
         self._splice.close()
 
     def abort(self) -> None:
+        if self._direct is not None:
+            self._direct.abort()
+            self._direct = None
         if self._file is not None:
             self._file.close()
             self._file = None

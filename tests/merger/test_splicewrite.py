@@ -39,6 +39,7 @@ def test_buffers_of_every_kind_land_exactly_in_order(tmp_path):
 def test_a_refusal_moves_nothing_and_the_writer_falls_back(tmp_path, monkeypatch):
     from merger.io.writer import OutTensor, StreamingShardWriter, plan_shards
 
+    monkeypatch.setenv("SWITCHYARD_DIRECT_IO", "0")  # the page-cache path is the one under test
     path = tmp_path / "append.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # splice into an O_APPEND file: EINVAL
     sw = SpliceWriter()

@@ -1,0 +1,120 @@
+"""O_DIRECT shard writes: exactly the bytes given, the file's exact length, and a fallback to plain
+writes wherever the file system refuses O_DIRECT (at open or at the first write)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from merger.errors import OutputError
+from merger.io import directwrite
+from merger.io.directwrite import ALIGN, STAGING_BYTES, DirectFile
+
+SIZES = (1, ALIGN - 1, ALIGN + 1, STAGING_BYTES, STAGING_BYTES - 5, 2 * STAGING_BYTES + 7, 0, 123)
+
+
+def _parts() -> list[bytes]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in SIZES]
+
+
+def _direct_or_skip(path) -> DirectFile:
+    f = DirectFile.open(path)
+    if f is None:
+        pytest.skip(f"the file system under {path.parent} refuses O_DIRECT")
+    return f
+
+
+def test_bytes_and_length_are_exact_across_staging_boundaries(tmp_path):
+    parts = _parts()
+    f = _direct_or_skip(tmp_path / "x.bin")
+    for p in parts:
+        f.write(p)
+    f.write(memoryview(np.arange(1000, dtype=np.float32)))  # a typed view is written as its bytes
+    f.close()
+    want = b"".join(parts) + np.arange(1000, dtype=np.float32).tobytes()
+    assert f.direct and (tmp_path / "x.bin").read_bytes() == want
+
+
+def test_refused_at_the_first_write_carries_on_with_plain_writes(tmp_path, monkeypatch):
+    f = _direct_or_skip(tmp_path / "x.bin")
+    real, calls = os.write, []
+
+    def refuse_first(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data)
+
+    monkeypatch.setattr(directwrite.os, "write", refuse_first)
+    parts = _parts()
+    for p in parts:
+        f.write(p)
+    f.close()
+    assert not f.direct and len(calls) > 1
+    assert (tmp_path / "x.bin").read_bytes() == b"".join(parts)
+
+
+def test_a_failure_after_bytes_landed_is_raised_not_retried(tmp_path, monkeypatch):
+    f = _direct_or_skip(tmp_path / "x.bin")
+    real, calls = os.write, []
+
+    def full_on_second(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(directwrite.os, "write", full_on_second)
+    with pytest.raises(OSError) as exc:
+        f.write(bytes(3 * STAGING_BYTES))
+    assert exc.value.errno == errno.ENOSPC
+    f.abort()
+
+
+def test_the_shard_writer_maps_disk_full_and_falls_back_where_open_is_refused(tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
+    from merger.io.writer import OutTensor, StreamingShardWriter, plan_shards
+
+    a = np.arange(3 * STAGING_BYTES // 4 + 3, dtype=np.float32)
+    (plan,) = plan_shards([OutTensor("a", "F32", a.shape)], 1 << 30)
+
+    # O_DIRECT refused at open (tmpfs does that): the page-cache path writes the same shard
+    real_open = os.open
+    monkeypatch.setattr(directwrite.os, "open", lambda path, flags, *mode: (
+        (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")) if flags & os.O_DIRECT
+        else real_open(path, flags, *mode)))
+    (tmp_path / "page").mkdir()
+    writer = StreamingShardWriter(tmp_path / "page", [plan])
+    writer.write("a", a)
+    assert writer._direct is None
+    writer.close()
+    assert np.array_equal(load_file(tmp_path / "page" / plan.filename)["a"], a)
+    monkeypatch.setattr(directwrite.os, "open", real_open)
+
+    # disk full during a direct write: the merge's usual error, naming the shard and the fix
+    (tmp_path / "full").mkdir()
+    writer = StreamingShardWriter(tmp_path / "full", [plan])
+    if DirectFile.open(tmp_path / "probe.bin") is None:
+        pytest.skip("no O_DIRECT here")
+    real_write = os.write
+
+    def full(fd, data):
+        if os.lseek(fd, 0, os.SEEK_CUR) > 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(directwrite.os, "write", full)
+    with pytest.raises(OutputError, match="disk full while writing model.safetensors"):
+        writer.write("a", a)
+        writer.close()
+    writer.abort()
+
+
+def test_switched_off_by_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWITCHYARD_DIRECT_IO", "0")
+    assert DirectFile.open(tmp_path / "x.bin") is None and not (tmp_path / "x.bin").exists()
