@@ -71,20 +71,20 @@ class DirectFile:
 
     def _flush(self, length: int) -> None:
         """Write the first `length` bytes of the staging buffer (`length` a multiple of ALIGN)."""
-        view = memoryview(self._buf)[:length]
         try:
-            while view:
-                view = view[os.write(self.fd, view):]
+            self._write_staged(length)
         except OSError as exc:
             if not (self.direct and exc.errno in _REFUSED and os.lseek(self.fd, 0, os.SEEK_CUR) == 0):
                 raise
             self._reopen_buffered()  # refused before any byte landed: carry on without O_DIRECT
-            view = memoryview(self._buf)[:length]
+            self._write_staged(length)
+        self._fill = 0
+
+    def _write_staged(self, length: int) -> None:
+        with memoryview(self._buf) as whole:
+            view = whole[:length]
             while view:
                 view = view[os.write(self.fd, view):]
-        finally:
-            view.release()
-        self._fill = 0
 
     def _reopen_buffered(self) -> None:
         os.close(self.fd)

@@ -39,17 +39,23 @@ def test_bytes_and_length_are_exact_across_staging_boundaries(tmp_path):
     assert f.direct and (tmp_path / "x.bin").read_bytes() == want
 
 
-def test_refused_at_the_first_write_carries_on_with_plain_writes(tmp_path, monkeypatch):
-    f = _direct_or_skip(tmp_path / "x.bin")
+def _failing_write(monkeypatch, nth: int, err: int) -> list[int]:
+    """os.write, as directwrite sees it, fails with `err` on its `nth` call; returns the calls' lengths."""
     real, calls = os.write, []
 
-    def refuse_first(fd, data):
+    def write(fd, data):
         calls.append(len(data))
-        if len(calls) == 1:
-            raise OSError(errno.EINVAL, "Invalid argument")
+        if len(calls) == nth:
+            raise OSError(err, os.strerror(err))
         return real(fd, data)
 
-    monkeypatch.setattr(directwrite.os, "write", refuse_first)
+    monkeypatch.setattr(directwrite.os, "write", write)
+    return calls
+
+
+def test_refused_at_the_first_write_carries_on_with_plain_writes(tmp_path, monkeypatch):
+    f = _direct_or_skip(tmp_path / "x.bin")
+    calls = _failing_write(monkeypatch, 1, errno.EINVAL)
     parts = _parts()
     for p in parts:
         f.write(p)
@@ -58,20 +64,13 @@ def test_refused_at_the_first_write_carries_on_with_plain_writes(tmp_path, monke
     assert (tmp_path / "x.bin").read_bytes() == b"".join(parts)
 
 
-def test_a_failure_after_bytes_landed_is_raised_not_retried(tmp_path, monkeypatch):
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EINVAL])  # EINVAL too: only a first write falls back
+def test_a_failure_after_bytes_landed_is_raised_not_retried(tmp_path, monkeypatch, err):
     f = _direct_or_skip(tmp_path / "x.bin")
-    real, calls = os.write, []
-
-    def full_on_second(fd, data):
-        calls.append(len(data))
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data)
-
-    monkeypatch.setattr(directwrite.os, "write", full_on_second)
+    calls = _failing_write(monkeypatch, 2, err)
     with pytest.raises(OSError) as exc:
         f.write(bytes(3 * STAGING_BYTES))
-    assert exc.value.errno == errno.ENOSPC
+    assert exc.value.errno == err and len(calls) == 2
     f.abort()
 
 
