@@ -142,7 +142,6 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
     cols = max(1, base.shape[1])
     rows = max(1, CHUNK_ELEMENTS // cols)
     work, diff = _scratch_buffers(compute, base.device)
-    norm = torch.linalg.vector_norm
     err2 = w2 = 0.0
     same = 0
     realised2 = 0.0
@@ -151,22 +150,19 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
         c = work[: b.numel()].view(b.shape)
         c.copy_(b)  # upcast (and a private copy: float32 bases alias the read-only map)
         c.addmm_(left[s:s + rows], right)
-        cn = norm(c).item()
-        if not math.isfinite(cn) and not bool(torch.isfinite(c).all()):
+        c2 = _sumsq(c)
+        if not math.isfinite(c2) and not bool(torch.isfinite(c).all()):
             raise NonFiniteError(f"merged tensor {task.name} has NaN/Inf values",
                                  "the adapter or base is broken (check its training run); nothing was written")
         o = out[s:s + rows]
         o.copy_(c)
         ref = b if b.dtype == out_dtype else b.to(out_dtype)
-        same += _count_equal(o, ref)
         d = diff[: b.numel()].view(b.shape)
-        d.copy_(o)
-        e = norm(d.sub_(c)).item()
-        err2 += e * e
-        w2 += cn * cn
+        same += _count_equal(o, ref, scratch=d)  # d is free until the next line
+        err2 += _sumsq(d.copy_(o).sub_(c))
+        w2 += c2
         if task.src_dtype != task.out_dtype:
-            r = norm((o.to(compute) - ref.to(compute)) - (c - b.to(compute))).item()
-            realised2 += r * r
+            realised2 += _sumsq((o.to(compute) - ref.to(compute)) - (c - b.to(compute)))
     numel = base.numel()
     nonzero = int((Bs != 0).any(dim=1).sum()) * int((A != 0).any(dim=0).sum())
     vanished = max(0, same - (numel - nonzero))
@@ -178,13 +174,25 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
     return out.cpu(), stats
 
 
-def _count_equal(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Bitwise-equal entries; numpy's reductions are several times faster than torch's on CPU."""
+def _sumsq(t: torch.Tensor) -> float:
+    """Sum of squares of a float32/64 tensor: BLAS's dot, about twice as fast on CPU as
+    `vector_norm` (same float32 accumulation, so the same overflow for |x| > 1.8e19)."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat).item()
+
+
+def _count_equal(a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> int:
+    """Bitwise-equal entries. On CPU numpy's xor + count_nonzero: one pass over the integer views
+    and a SIMD count, several times faster than torch's eq + sum. `scratch` (bytes, at least
+    a's size) takes the xor, so no temporary is allocated (fresh pages cost more than the xor)."""
     if a.is_cuda:
         return int((a == b).sum())
     ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    x, y = a.contiguous().view(ints).numpy(), b.contiguous().view(ints).numpy()
-    return a.numel() - int(np.count_nonzero(x != y))
+    x, y = a.contiguous().view(ints).numpy().reshape(-1), b.contiguous().view(ints).numpy().reshape(-1)
+    nbytes = x.size * x.itemsize
+    out = scratch.reshape(-1).view(torch.uint8)[:nbytes].view(ints).numpy() if \
+        scratch is not None and scratch.numel() * scratch.element_size() >= nbytes else None
+    return a.numel() - int(np.count_nonzero(np.bitwise_xor(x, y, out=out)))
 
 
 def all_finite(t: torch.Tensor) -> bool:
