@@ -12,6 +12,7 @@ The base shards' sha256 is computed from the same bytes as they stream past, in 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import threading
 import warnings
 from collections import deque
@@ -82,7 +83,8 @@ class _BufferPool:
                     return self._free.pop(i)
             if self._free:
                 self._free.pop(0)  # too small: let it go, allocate a larger one
-        return torch.empty(nbytes, dtype=torch.uint8)
+        # an anonymous map is page-aligned, so the writer can hand it to O_DIRECT without a copy
+        return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
 
     def give(self, buf) -> None:
         with self._lock:

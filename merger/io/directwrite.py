@@ -23,6 +23,7 @@ import os
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 STAGING_BYTES = 8 << 20  # per device write: large enough to stream, small beside the tensors in flight
+ZERO_COPY_BYTES = 1 << 20  # aligned writes this large skip the staging buffer
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 
 
@@ -32,7 +33,9 @@ def enabled() -> bool:
 
 class DirectFile:
     """A new file written sequentially through O_DIRECT. `write` copies into the staging buffer and
-    flushes it when full, so the caller may reuse its buffer at once; `close` pads, truncates, fsyncs."""
+    flushes it when full, or, for a large page-aligned buffer at an aligned file position, writes it
+    in place; either way the caller may reuse its buffer once `write` returns. `close` pads,
+    truncates, fsyncs."""
 
     def __init__(self, path: os.PathLike, fd: int) -> None:
         self.path, self.fd = path, fd
@@ -42,6 +45,7 @@ class DirectFile:
         self._addr = ctypes.addressof(self._anchor)
         self._fill = 0
         self.direct = True  # False once the file system refused and plain writes took over
+        self.zero_copy = True  # False once a write from the caller's memory was refused
 
     @classmethod
     def open(cls, path: os.PathLike) -> DirectFile | None:
@@ -60,6 +64,12 @@ class DirectFile:
         view = memoryview(data).cast("B")
         src = _address(view)
         off, total = 0, view.nbytes
+        if total >= ZERO_COPY_BYTES and self.direct and self.zero_copy and src % ALIGN == 0 and self._fill % ALIGN == 0:
+            # caller's memory is aligned and so is the file position: the device reads it in place,
+            # no copy through the staging buffer (a merged tensor in a page-aligned output buffer)
+            if self._fill:
+                self._flush(self._fill)
+            off = self._write_in_place(view[: total - total % ALIGN])
         while off < total:
             n = min(STAGING_BYTES - self._fill, total - off)
             ctypes.memmove(self._addr + self._fill, src + off, n)
@@ -68,6 +78,19 @@ class DirectFile:
             if self._fill == STAGING_BYTES:
                 self._flush(STAGING_BYTES)
         self.size += total
+
+    def _write_in_place(self, view: memoryview) -> int:
+        """Write `view` from where it lies; bytes written. A refusal (memory the kernel will not do
+        direct I/O from) leaves the rest to the staging buffer, now and for later writes."""
+        done = 0
+        try:
+            while done < view.nbytes:
+                done += os.write(self.fd, view[done:])
+        except OSError as exc:
+            if exc.errno not in _REFUSED or done % ALIGN:
+                raise
+            self.zero_copy = False
+        return done
 
     def _flush(self, length: int) -> None:
         """Write the first `length` bytes of the staging buffer (`length` a multiple of ALIGN)."""

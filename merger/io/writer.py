@@ -18,7 +18,7 @@ from pathlib import Path
 
 from merger.errors import OutputError
 from merger.io.checkpoint import DTYPE_SIZES
-from merger.io.directwrite import DirectFile
+from merger.io.directwrite import ALIGN, DirectFile
 from merger.io.splicewrite import SpliceRefused, SpliceWriter
 
 _PARALLEL_HASH_BYTES = 1 << 20  # below this a thread hand-off costs more than it saves
@@ -68,7 +68,9 @@ def _header(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
         entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     body = json.dumps(entries, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+    # tensor data starts at a page boundary (safetensors only needs 8): tensors whose sizes are
+    # multiples of 4 KiB then stay aligned in the file, which lets O_DIRECT write them in place
+    body += b" " * (-(8 + len(body)) % ALIGN)
     return struct.pack("<Q", len(body)) + body
 
 

@@ -117,3 +117,40 @@ def test_the_shard_writer_maps_disk_full_and_falls_back_where_open_is_refused(tm
 def test_switched_off_by_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SWITCHYARD_DIRECT_IO", "0")
     assert DirectFile.open(tmp_path / "x.bin") is None and not (tmp_path / "x.bin").exists()
+
+
+def _aligned(n: int, seed: int) -> memoryview:
+    """n random bytes in a page-aligned anonymous map, like the merge's output buffers."""
+    import mmap
+
+    buf = mmap.mmap(-1, n)
+    buf[:] = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+    return memoryview(buf)
+
+
+def test_aligned_buffers_are_written_in_place_and_the_rest_is_staged(tmp_path, monkeypatch):
+    f = _direct_or_skip(tmp_path / "x.bin")
+    calls = _failing_write(monkeypatch, 0, 0)  # records the lengths, fails nothing
+    big = _aligned(3 * ALIGN * 256 + 100, 1)  # aligned address, length not a multiple of ALIGN
+    parts = [bytes(2 * ALIGN), big,  # staged, then in place after flushing the staged (aligned) bytes
+             b"x" * 10, _aligned(ALIGN * 512, 2),  # file position now unaligned: staged
+             _aligned(ALIGN * 512 + 1, 3)[1:]]  # unaligned address: staged
+    for p in parts:
+        f.write(p)
+    f.close()
+    assert (tmp_path / "x.bin").read_bytes() == b"".join(bytes(p) for p in parts)
+    assert calls[:2] == [2 * ALIGN, 3 * ALIGN * 256]  # the staged head, then the buffer from where it lies
+    assert f.zero_copy
+
+
+def test_a_refused_in_place_write_is_staged_instead(tmp_path, monkeypatch):
+    f = _direct_or_skip(tmp_path / "x.bin")
+    f.write(bytes(ALIGN))
+    big = _aligned(ALIGN * 300, 4)
+    calls = _failing_write(monkeypatch, 2, errno.EINVAL)  # the in-place write
+    f.write(big)
+    f.write(_aligned(ALIGN * 300, 5))  # staged too: no second try in place
+    f.close()
+    assert not f.zero_copy and f.direct
+    assert calls[:2] == [ALIGN, ALIGN * 300] and all(n <= STAGING_BYTES for n in calls[2:])
+    assert (tmp_path / "x.bin").read_bytes() == bytes(ALIGN) + bytes(big) + bytes(_aligned(ALIGN * 300, 5))

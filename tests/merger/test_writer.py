@@ -32,6 +32,8 @@ def test_written_shards_load_and_their_recorded_sha256_is_the_files(tmp_path):
     for plan in plans:
         data = (tmp_path / plan.filename).read_bytes()
         assert writer.sha256[plan.filename] == hashlib.sha256(data).hexdigest()
+        header_len = 8 + int.from_bytes(data[:8], "little")
+        assert header_len % 4096 == 0 and data[header_len - 1:header_len] == b" "  # data page-aligned
         loaded |= load_file(tmp_path / plan.filename)
     assert loaded.keys() == arrays.keys()
     for name, a in arrays.items():
