@@ -6,7 +6,8 @@ plus the adapter pages of the tasks in flight (`release`). Passthrough tensors (
 lm_head: the largest tensors of a model) are copied from the map to the output without conversion,
 `SLICE_BYTES` at a time, each slice's pages dropped once written, so they cost one slice of memory
 whatever their size.
-The base shards' sha256 is computed from the same bytes as they stream past, in file order.
+The base shards' sha256 is computed from the same bytes as they stream past, in file order, in a thread
+of its own (`_BaseHashing`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,29 @@ class _StreamHasher:
 
     def digest(self) -> Optional[str]:
         return self.h.hexdigest() if self.ok and self.pos == self.size else None
+
+
+class _BaseHashing:
+    """Feeds the base shards' hashers in a thread of its own, in file order (one worker), so hashing
+    the base overlaps the writes and the merge math. Each job then drops the source pages it read
+    (they must not be dropped before, or the hasher maps them back). At most one job waits behind the
+    running one: a slow hasher holds the merge back instead of letting source pages pile up."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-base")
+        self._last = None
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        if self._last is not None:
+            self._last.result()
+        self._last = self._pool.submit(fn)
+
+    def close(self) -> None:
+        try:
+            if self._last is not None:
+                self._last.result()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 # exponent bits of each float format: all ones means Inf or NaN
@@ -148,9 +172,22 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
                                      "the base checkpoint is broken; re-download or re-save it. Nothing was written")
             yield part
             begin = info.begin + off
-            if hash_base and task.name == task.source:
-                hashers[info.shard].feed(begin, begin + len(part), part)
-            reader.release(begin, begin + len(part))
+            after_write(info, begin, begin + len(part), hashed=task.name == task.source)
+
+    base_hashing = _BaseHashing() if hash_base else None
+
+    def after_write(info: TensorInfo, begin: int, end: int, hashed: bool) -> None:
+        """Source bytes [begin, end) are written: hash them (in file order) and drop their pages."""
+        reader = readers[info.shard]
+        if base_hashing is None or not hashed:
+            reader.release(begin, end)
+            return
+
+        def job():
+            hashers[info.shard].feed(begin, end, reader.view(info)[begin - info.begin:end - info.begin])
+            reader.release(begin, end)
+
+        base_hashing.submit(job)
 
     threads = torch.get_num_threads()
     if device == "cpu":
@@ -173,25 +210,27 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
                     writer.write_parts(task.name, passthrough_slices(task, info))
                 else:
                     writer.write(task.name, data)
-                    if hash_base and task.name == task.source:
-                        hashers[info.shard].feed(info.begin, info.end, readers[info.shard].view(info))
+                    after_write(info, info.begin, info.end, hashed=task.name == task.source)
                 written += info.nbytes
                 if st is not None:
                     stats.append(st)
                 del data
                 if buf is not None:
                     buffers.give(buf)
-                readers[info.shard].release(info.begin, info.end)
                 release(task)
                 on_tensor(task, info.nbytes)
                 nxt = next(tasks, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(work, nxt)))
+        if base_hashing is not None:
+            base_hashing.close()
         writer.close()
     except BaseException:
         writer.abort()
         raise
     finally:
+        if base_hashing is not None:
+            base_hashing.close()  # before the maps it reads are closed
         torch.set_num_threads(threads)
         for r in readers.values():
             r.close()

@@ -239,3 +239,32 @@ def test_passthrough_tensors_stream_in_slices_exactly(pair, tmp_path, monkeypatc
     with pytest.raises(NonFiniteError, match="embed_tokens"):
         merge(bad, [adapter], tmp_path / "out")
     _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_base_hash_streams_in_its_thread_with_the_writes(pair, tmp_path, monkeypatch):
+    """A first merge of a base hashes it from the bytes streaming past, in file order, in the
+    `sha256-base` thread, slice by slice for untouched tensors; the file is not read again for it."""
+    import hashlib
+    import threading
+
+    import merger.executor as executor
+    import merger.io.adapter as adapter_io
+
+    base, adapter = pair
+    monkeypatch.setattr(executor, "SLICE_BYTES", 256)
+    threads = set()
+    real_feed = executor._StreamHasher.feed
+
+    def feed(self, begin, end, data):
+        threads.add(threading.current_thread().name.split("_")[0])
+        return real_feed(self, begin, end, data)
+
+    monkeypatch.setattr(executor._StreamHasher, "feed", feed)
+    real_file_hash = adapter_io.sha256_file
+    monkeypatch.setattr(adapter_io, "sha256_file", lambda p: (_ for _ in ()).throw(AssertionError(f"re-read {p}"))
+                        if p.name.endswith("model.safetensors") and p.parent == base else real_file_hash(p))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # nothing cached: hash while merging
+    res = merge(base, [adapter], tmp_path / "out")
+    assert threads == {"sha256-base"}
+    assert res.provenance["base"]["shards_sha256"]["model.safetensors"] == hashlib.sha256(
+        (base / "model.safetensors").read_bytes()).hexdigest()
