@@ -3,7 +3,9 @@
 Builds a random Llama-shaped bf16 checkpoint (TinyLlama-1.1B's shape, 3 shards; or an 8B shape with
 --shape 8b) and a rank-16 all-linear LoRA adapter, then times each contender in its own process with
 /usr/bin/time -v (wall time, peak RSS). The page cache is warmed first so every contender reads the
-base from memory. Writes a "Merge" section into docs/benchmarks.md with --write-docs.
+base from memory. `cp` and switchyard (base hash cached) alternate for --rounds rounds and their
+medians are compared; every run starts after removing the previous output, `sync` and a 1 s pause.
+Writes a "Merge" section into docs/benchmarks.md with --write-docs.
 
     .venv/bin/python benchmarks/merge.py --write-docs
 """
@@ -106,6 +108,18 @@ def timed(cmd: list[str], env: dict | None = None, may_fail: bool = False) -> di
     return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": rss_kb / 1024}
 
 
+def summarize(runs: list[dict]) -> dict:
+    """Median wall and CPU seconds of several runs, their range, the largest peak."""
+    import statistics
+
+    ok = [r for r in runs if "failed" not in r]
+    if not ok:
+        return runs[-1]
+    return {"seconds": statistics.median(r["seconds"] for r in ok),
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in ok),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "runs": [round(r["seconds"], 2) for r in ok]}
+
+
 PEFT_SCRIPT = """
 import os, sys, torch
 from transformers import AutoModelForCausalLM
@@ -124,6 +138,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/switchyard-merge-bench"))
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating cp / switchyard (cached hash) runs")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     work = args.workdir / args.shape
@@ -138,23 +153,32 @@ def main() -> None:
     subprocess.run(f"cat {base}/*.safetensors > /dev/null", shell=True, check=True)  # warm the page cache
     load = os.getloadavg()[0]
 
-    def fresh(name: str) -> Path:
-        out = work / name
-        shutil.rmtree(out, ignore_errors=True)
-        return out
+    def settle(path: Path) -> None:  # the same page-cache state before every timed run
+        shutil.rmtree(path, ignore_errors=True)
+        os.sync()
+        time.sleep(1)
 
     results = {}
-    # each output is removed right after its run: four 16 GB copies of the 8B shape do not fit the disk
-    results["cp -r + sync"] = timed(["bash", "-c", f"cp -r {base} {fresh('copy')} && sync"])
-    shutil.rmtree(work / "copy")
     sy = [str(ROOT / ".venv/bin/switchyard"), "merge", str(base), str(adapter), "--quiet", "--force"]
-    results["switchyard (first: hashes the base)"] = timed(sy + ["--out", str(fresh("sy"))], env)
-    results["switchyard (base hash cached)"] = timed(sy + ["--out", str(fresh("sy"))], env)
+    settle(work / "sy")
+    results["switchyard (first: hashes the base)"] = timed(sy + ["--out", str(work / "sy")], env)
+    # cp and switchyard alternate, medians reported: on these VMs cp alone swings 1.6-6.4 s with the
+    # page cache's state, so one run of each says little. Each output is removed before the next run
+    # (four 16 GB copies of the 8B shape do not fit the disk).
+    runs: dict[str, list] = {"cp -r + sync": [], "switchyard (base hash cached)": []}
+    for _ in range(args.rounds):
+        settle(work / "copy")
+        runs["cp -r + sync"].append(timed(["bash", "-c", f"cp -r {base} {work / 'copy'} && sync"]))
+        settle(work / "copy")
+        settle(work / "sy")
+        runs["switchyard (base hash cached)"].append(timed(sy + ["--out", str(work / "sy")], env))
+    results = {name: summarize(r) for name, r in runs.items()} | results
     prov = json.loads((work / "sy" / "switchyard.json").read_text())
     shutil.rmtree(work / "sy")
     if not args.skip_peft:
+        settle(work / "peft")
         results["PEFT merge_and_unload"] = timed([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter),
-                                                  str(fresh("peft"))], env, may_fail=True)
+                                                  str(work / "peft")], env, may_fail=True)
         shutil.rmtree(work / "peft", ignore_errors=True)
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     report = {"shape": args.shape, "base_gb": size_gb, "mem_gib": mem_gib, "load_before": load, "after_load": os.getloadavg()[0],
@@ -168,7 +192,11 @@ def write_docs(report: dict, command: str) -> None:
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     cp = report["results"]["cp -r + sync"]["seconds"]
-    rows = "\n".join(f"| {name} | {r['seconds']:.1f} | {r['seconds'] / cp:.2f}x | {r['cpu_seconds']:.1f} | "
+    def wall(r: dict) -> str:
+        spread = f" ({min(r['runs']):.1f}-{max(r['runs']):.1f}, {len(r['runs'])} runs)" if len(r.get("runs", [])) > 1 else ""
+        return f"{r['seconds']:.1f}{spread}"
+
+    rows = "\n".join(f"| {name} | {wall(r)} | {r['seconds'] / cp:.2f}x | {r['cpu_seconds']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} |" if "failed" not in r else
                      f"| {name} | failed after {r['seconds']:.1f} s: {r['failed']} | | | |"
                      for name, r in report["results"].items())
@@ -180,7 +208,7 @@ def write_docs(report: dict, command: str) -> None:
 Command: `.venv/bin/python {command}` ({os.cpu_count()} CPU cores, {report.get('mem_gib', 0):.0f} GiB of memory,
 base read through the page cache, load average {report['load_before']:.1f} before / {report['after_load']:.1f} after).
 
-| contender | wall s | vs cp | CPU s (user+sys) | peak RSS MB |
+| contender | wall s (median, range) | vs cp (medians) | CPU s (user+sys, median) | peak RSS MB |
 |---|---|---|---|---|
 {rows}
 
