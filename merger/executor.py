@@ -48,9 +48,9 @@ class _StreamHasher:
 
 class _BaseHashing:
     """Feeds the base shards' hashers in a thread of its own, in file order (one worker), so hashing
-    the base overlaps the writes and the merge math. Each job then drops the source pages it read
-    (they must not be dropped before, or the hasher maps them back). At most one job waits behind the
-    running one: a slow hasher holds the merge back instead of letting source pages pile up."""
+    the base overlaps the writes and the merge math. A job maps its bytes a slice at a time and drops
+    each slice's pages once hashed. `submit` first waits for the previous job: a slow hasher holds the
+    merge back instead of letting work pile up."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-base")
@@ -75,6 +75,7 @@ _EXPONENT = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7
 
 
 SLICE_BYTES = 64 << 20  # passthrough tensors stream from the map in slices this size
+HASH_SLICE_BYTES = 8 << 20  # the base hasher maps this much at a time
 
 
 def has_nonfinite(data, dtype: str) -> bool:
@@ -156,8 +157,9 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
             buffers.give(buf)  # not used
             buf = None
         out = out.contiguous().reshape(-1).view(torch.uint8).numpy()
-        if not hash_base:  # nothing reads the source again: drop its pages now, not after the write
-            readers[info.shard].release(info.begin, info.end)
+        # drop the source pages now, not after the write: the base hasher, if any, reads them back
+        # from the page cache a slice at a time
+        readers[info.shard].release(info.begin, info.end)
         return out, st, buf
 
     def passthrough_slices(task: TensorTask, info: TensorInfo):
@@ -183,9 +185,12 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
             reader.release(begin, end)
             return
 
-        def job():
-            hashers[info.shard].feed(begin, end, reader.view(info)[begin - info.begin:end - info.begin])
-            reader.release(begin, end)
+        def job():  # slice by slice, each slice's pages dropped once hashed: one slice stays mapped
+            view = reader.view(info)
+            for lo in range(begin, end, HASH_SLICE_BYTES):
+                hi = min(end, lo + HASH_SLICE_BYTES)
+                hashers[info.shard].feed(lo, hi, view[lo - info.begin:hi - info.begin])
+                reader.release(lo, hi)
 
         base_hashing.submit(job)
 
