@@ -62,11 +62,16 @@ class _BaseHashing:
         self._last = self._pool.submit(fn)
 
     def close(self) -> None:
+        """Wait for the last job; its error, if any, is raised."""
         try:
             if self._last is not None:
                 self._last.result()
         finally:
             self._pool.shutdown(wait=True)
+
+    def stop(self) -> None:
+        """Wait for the thread without raising (cleanup after another error, which must not be masked)."""
+        self._pool.shutdown(wait=True)
 
 
 # exponent bits of each float format: all ones means Inf or NaN
@@ -235,7 +240,7 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
         raise
     finally:
         if base_hashing is not None:
-            base_hashing.close()  # before the maps it reads are closed
+            base_hashing.stop()  # before the maps it reads are closed
         torch.set_num_threads(threads)
         for r in readers.values():
             r.close()

@@ -53,7 +53,7 @@ def build_app() -> typer.Typer:
 
 # one-shot commands that end with every file written, fsynced and closed and no child process:
 # as the process's own entry point they skip the interpreter's finalisation, which after `import
-# torch` takes ~0.3 s (a 7% of a 1.1B merge's wall time on 2 cores; docs/benchmarks.md, Merge)
+# torch` takes ~0.3 s (7% of a 1.1B merge's wall time on 2 cores; docs/benchmarks.md, Merge)
 QUICK_EXIT = frozenset({"merge"})
 
 
