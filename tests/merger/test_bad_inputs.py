@@ -268,3 +268,37 @@ def test_base_hash_streams_in_its_thread_with_the_writes(pair, tmp_path, monkeyp
     assert threads == {"sha256-base"}
     assert res.provenance["base"]["shards_sha256"]["model.safetensors"] == hashlib.sha256(
         (base / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_a_write_error_is_not_masked_by_the_base_hash_thread(pair, tmp_path, monkeypatch):
+    """The writer fails while the base hasher's last job is still running and then fails too: the
+    user sees the write error (the first one), and nothing is left behind."""
+    import time
+
+    import merger.executor as executor
+    import merger.io.writer as writer
+
+    base, adapter = pair
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # hash while merging
+    feeds, parts = [0], [0]
+    real_feed, real_parts = executor._StreamHasher.feed, writer.StreamingShardWriter.write_parts
+
+    def feed(self, begin, end, data):
+        feeds[0] += 1
+        if feeds[0] == 2:
+            time.sleep(0.3)  # still running when the writer fails
+            raise RuntimeError("hasher failed")
+        return real_feed(self, begin, end, data)
+
+    def write_parts(self, name, data):
+        parts[0] += 1
+        if parts[0] == 3:
+            raise OutputError("disk full while writing model.safetensors", "free space")
+        return real_parts(self, name, data)
+
+    monkeypatch.setattr(executor._StreamHasher, "feed", feed)
+    monkeypatch.setattr(writer.StreamingShardWriter, "write_parts", write_parts)
+    with pytest.raises(OutputError, match="disk full"):
+        merge(base, [adapter], tmp_path / "out")
+    assert feeds[0] == 2
+    _nothing_written(tmp_path, tmp_path / "out")
