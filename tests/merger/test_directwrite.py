@@ -154,3 +154,26 @@ def test_a_refused_in_place_write_is_staged_instead(tmp_path, monkeypatch):
     assert not f.zero_copy and f.direct
     assert calls[:2] == [ALIGN, ALIGN * 300] and all(n <= STAGING_BYTES for n in calls[2:])
     assert (tmp_path / "x.bin").read_bytes() == bytes(ALIGN) + bytes(big) + bytes(_aligned(ALIGN * 300, 5))
+
+
+def test_merging_a_merged_model_writes_untouched_tensors_in_place_from_its_map(tmp_path, monkeypatch):
+    """A switchyard output as the base (a second promote): its data is page-aligned, so untouched
+    tensors go to O_DIRECT straight from the read-only file map. Same bytes as the page-cache path."""
+    import torch
+
+    from merger.api import merge
+    from tests.merger.common import make_adapter, tiny_model
+
+    _direct_or_skip(tmp_path / "probe.bin").abort()
+    base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    first = merge(base, [adapter], tmp_path / "first").out
+    monkeypatch.setattr(directwrite, "ZERO_COPY_BYTES", ALIGN)  # the tiny model's tensors are small
+    in_place = []
+    real = DirectFile._write_in_place
+    monkeypatch.setattr(DirectFile, "_write_in_place", lambda self, view: in_place.append(real(self, view)) or in_place[-1])
+    direct = merge(first, [adapter], tmp_path / "direct").out
+    assert in_place and all(n > 0 for n in in_place)
+    monkeypatch.setenv("SWITCHYARD_DIRECT_IO", "0")
+    cached = merge(first, [adapter], tmp_path / "cached").out
+    assert (direct / "model.safetensors").read_bytes() == (cached / "model.safetensors").read_bytes()
