@@ -127,7 +127,8 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
                 out_buffer: Optional[torch.Tensor] = None):
     """The common case (one LoRA delta), row chunk by row chunk: each chunk is upcast, gets its rows
     of s*B@A by one addmm, is checked, rounded into the output and measured while still in cache,
-    so the float32 copy of W never exists whole (memory: the output plus one chunk). The delta's
+    so the float32 copy of W never exists whole (memory: the output plus one chunk). bfloat16 on
+    CPU: one GEMM for the chunk's delta rows, then merger/native's fused pass. The delta's
     norm comes from the factors (||s B A||^2 = s^2 tr(B^T B A A^T)); its nonzero entries are the
     products of nonzero rows of B and nonzero columns of A (exact unless entries cancel by accident)."""
     mod = task.steps[0].module
@@ -142,9 +143,30 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
     cols = max(1, base.shape[1])
     rows = max(1, CHUNK_ELEMENTS // cols)
     work, diff = _scratch_buffers(compute, base.device)
-    err2 = w2 = 0.0
+    kernel = _native_kernel(base, compute, out_dtype)
+    if kernel is not None:
+        w2, err2, same = _native_chunks(kernel, task, base, left, right, out, work, rows)
+        realised2 = err2
+    else:
+        w2, err2, same, realised2 = _torch_chunks(task, base, left, right, out, work, diff, rows, compute)
+    numel = base.numel()
+    nonzero = int((Bs != 0).any(dim=1).sum()) * int((A != 0).any(dim=0).sum())
+    vanished = max(0, same - (numel - nonzero))
+    dnorm = float(torch.sqrt(torch.clamp(torch.trace((Bs.T @ Bs) @ (A @ A.T)), min=0)))
+    err, wnorm = math.sqrt(err2), math.sqrt(w2)
+    realised = err if task.src_dtype == task.out_dtype else math.sqrt(realised2)
+    stats = TensorStats(task.name, numel, nonzero, vanished, err / wnorm if wnorm else 0.0,
+                        realised / dnorm if dnorm else 0.0)
+    return out.cpu(), stats
+
+
+def _torch_chunks(task: TensorTask, base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor,
+                  work: torch.Tensor, diff: torch.Tensor, rows: int, compute: torch.dtype):
+    """_plain_lora's loop in torch ops -> (sum of squares of W+dW, of rounding errors, outputs equal
+    to the rounded base, sum of squares of the realised-minus-intended delta when dtypes differ)."""
+    out_dtype = out.dtype
+    err2 = w2 = realised2 = 0.0
     same = 0
-    realised2 = 0.0
     for s in range(0, base.shape[0], rows):
         b = base[s:s + rows]
         c = work[: b.numel()].view(b.shape)
@@ -163,15 +185,38 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
         w2 += c2
         if task.src_dtype != task.out_dtype:
             realised2 += _sumsq((o.to(compute) - ref.to(compute)) - (c - b.to(compute)))
-    numel = base.numel()
-    nonzero = int((Bs != 0).any(dim=1).sum()) * int((A != 0).any(dim=0).sum())
-    vanished = max(0, same - (numel - nonzero))
-    dnorm = float(torch.sqrt(torch.clamp(torch.trace((Bs.T @ Bs) @ (A @ A.T)), min=0)))
-    err, wnorm = math.sqrt(err2), math.sqrt(w2)
-    realised = err if task.src_dtype == task.out_dtype else math.sqrt(realised2)
-    stats = TensorStats(task.name, numel, nonzero, vanished, err / wnorm if wnorm else 0.0,
-                        realised / dnorm if dnorm else 0.0)
-    return out.cpu(), stats
+    return w2, err2, same, realised2
+
+
+def _native_kernel(base: torch.Tensor, compute: torch.dtype, out_dtype: torch.dtype):
+    """The fused C loop (merger/native) where it applies: bfloat16 in and out, float32 math, CPU."""
+    if not (base.dtype == out_dtype == torch.bfloat16 and compute == torch.float32 and base.device.type == "cpu"):
+        return None
+    from merger import native
+
+    return native.merge_bf16()
+
+
+def _native_chunks(kernel, task: TensorTask, base: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                   out: torch.Tensor, work: torch.Tensor, rows: int) -> tuple[float, float, int]:
+    """_plain_lora's loop with the fused kernel: per chunk one GEMM for the delta rows, then one pass
+    that adds, rounds, compares and measures. -> (sum of squares of W+dW, of rounding errors, equal
+    outputs). Bit-identical outputs to the torch loop (tests/merger/test_native.py)."""
+    sums = np.zeros(2, dtype=np.float64)
+    same = np.zeros(1, dtype=np.int64)
+    base = base.contiguous()
+    for s in range(0, base.shape[0], rows):
+        b = base[s:s + rows]
+        d = work[: b.numel()].view(b.shape)
+        torch.mm(left[s:s + rows], right, out=d)
+        before = float(sums[0])
+        kernel(b.data_ptr(), d.data_ptr(), out[s:s + rows].data_ptr(), b.numel(), sums.ctypes.data,
+               same.ctypes.data)
+        # float sums overflow for |x| > 1.8e19: only then pay for the exact elementwise check
+        if not math.isfinite(float(sums[0]) - before) and not bool(torch.isfinite(d.add_(b)).all()):
+            raise NonFiniteError(f"merged tensor {task.name} has NaN/Inf values",
+                                 "the adapter or base is broken (check its training run); nothing was written")
+    return float(sums[0]), float(sums[1]), int(same[0])
 
 
 def _sumsq(t: torch.Tensor) -> float:

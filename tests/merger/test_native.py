@@ -1,0 +1,135 @@
+"""The fused C kernel (merger/native): torch's rounding bit for bit, the statistics, its build cache,
+and the torch path when it cannot be built."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from merger import native
+from merger.core import apply
+from merger.core.lora import LoraModule
+from merger.core.plan import AddLora, TensorTask
+from merger.errors import NonFiniteError
+
+
+@pytest.fixture
+def kernel():
+    fn = native.merge_bf16()
+    if fn is None:
+        pytest.skip(f"no native kernel here: {native.last_error}")
+    return fn
+
+
+def _call(fn, base: torch.Tensor, delta: torch.Tensor):
+    out = torch.empty_like(base)
+    sums, same = np.zeros(2), np.zeros(1, dtype=np.int64)
+    fn(base.data_ptr(), delta.data_ptr(), out.data_ptr(), base.numel(), sums.ctypes.data, same.ctypes.data)
+    return out, float(sums[0]), float(sums[1]), int(same[0])
+
+
+def _bf16(bits: list[int]) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def test_kernel_rounds_like_torch_and_measures(kernel):
+    g = torch.Generator().manual_seed(3)
+    n = 3001  # not a multiple of the block (1024) or of any vector width
+    base = (torch.randn(n, generator=g) * 0.05).to(torch.bfloat16)
+    delta = torch.randn(n, generator=g) * 1e-3
+    delta[::5] = 0.0  # these outputs equal the base
+    # exact ties: x halfway between two bfloat16 values, lower neighbour even and odd (nearest-even
+    # goes down, then up); -0.0 + 0.0 (+0.0: not the base's bits); subnormals, a tie and not
+    base[:5] = _bf16([0x3F80, 0x3F81, 0x8000, 0x0001, 0x0001])
+    delta[:5] = torch.tensor([2.0 ** -8, 2.0 ** -8, 0.0, 2.0 ** -134, 2.0 ** -136])
+    out, w2, err2, same = _call(kernel, base, delta)
+    x = base.float() + delta
+    want = x.to(torch.bfloat16)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    assert out[:5].view(torch.int16).tolist() == [0x3F80, 0x3F82, 0x0000, 0x0002, 0x0001]
+    assert same == int((want.view(torch.int16) == base.view(torch.int16)).sum())
+    assert same >= n // 5 - 1
+    x64 = x.double()
+    assert w2 == pytest.approx(float((x64 ** 2).sum()), rel=1e-5)
+    assert err2 == pytest.approx(float(((want.double() - x64) ** 2).sum()), rel=1e-5)
+
+
+def test_kernel_overflow_rounds_to_inf_like_torch_and_says_so_in_the_sums(kernel):
+    base = _bf16([0x7F7F, 0x3F80])  # the largest finite bfloat16, 1.0
+    delta = torch.tensor([2.0 ** 120, 0.0])  # finite in float32, beyond bfloat16's range once rounded
+    out, w2, _, _ = _call(kernel, base, delta)
+    assert torch.equal(out.view(torch.int16), (base.float() + delta).to(torch.bfloat16).view(torch.int16))
+    assert out[0].view(torch.int16).item() == 0x7F80  # +Inf
+    assert not np.isfinite(w2)  # the caller's cue for its exact check
+
+
+def _task(shape, fif=False, nan=False):
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f = (shape[1], shape[0]) if fif else shape
+    A = torch.randn(4, in_f, generator=g)
+    if nan:
+        A[2, 3] = float("nan")
+    B = torch.randn(out_f, 4, generator=g) * 0.05
+    B[3] = 0
+    mod = LoraModule("m", "linear", A, B, scaling=0.5, fan_in_fan_out=fif)
+    base = torch.randn(shape, generator=g).to(torch.bfloat16)
+    return TensorTask("m.weight", "m.weight", "BF16", "BF16", shape, (AddLora(mod, "a"),)), base
+
+
+@pytest.mark.parametrize("fif", [False, True])
+@pytest.mark.parametrize("chunk", [1 << 19, 7 * 40])  # one chunk; seven rows a chunk, the last one short
+def test_plain_lora_with_the_kernel_matches_the_torch_loop(monkeypatch, kernel, fif, chunk):
+    monkeypatch.setattr(apply, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(apply._scratch, "bufs", {}, raising=False)
+    calls = []
+    monkeypatch.setattr(native, "merge_bf16", lambda: lambda *a: calls.append(a[3]) or kernel(*a))
+    task, base = _task((48, 40) if not fif else (40, 48), fif)
+    fast_out, fast = apply.run_task(task, base)
+    rows = chunk // base.shape[1]
+    assert sum(calls) == base.numel() and len(calls) == -(-base.shape[0] // rows)  # 1, 7 or 8 chunks
+    monkeypatch.setenv("SWITCHYARD_NATIVE", "0")
+    monkeypatch.setattr(native, "merge_bf16", lambda: None)
+    torch_out, slow = apply.run_task(task, base)
+    assert torch.equal(fast_out.view(torch.int16), torch_out.view(torch.int16))
+    assert (fast.delta_nonzero, fast.vanished) == (slow.delta_nonzero, slow.vanished)
+    assert fast.rel_error == pytest.approx(slow.rel_error, rel=1e-5)
+    assert fast.delta_rel_error == pytest.approx(slow.delta_rel_error, rel=1e-5)
+
+
+def test_nan_in_the_adapter_is_refused_on_the_kernel_path(kernel):
+    task, base = _task((48, 40), nan=True)
+    with pytest.raises(NonFiniteError, match="m.weight has NaN/Inf"):
+        apply.run_task(task, base)
+
+
+def test_the_build_is_cached_and_reused(tmp_path, monkeypatch, kernel):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    runs = []
+    real = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: runs.append(a) or real(*a, **k))
+    for _ in range(2):
+        monkeypatch.setattr(native, "_loaded", {})  # as a fresh process would
+        assert native.merge_bf16() is not None
+    assert len(runs) == 1  # compiled once, then loaded from the cache
+    built = list((tmp_path / "switchyard" / "native").iterdir())
+    assert [p.suffix for p in built] == [".so"]  # no half-built leftovers
+
+
+def test_without_a_compiler_the_torch_path_merges(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.merge_bf16() is None
+    assert "no C compiler" in native.last_error and "no-such-cc" in native.last_error
+    task, base = _task((48, 40))
+    out, st = apply.run_task(task, base)
+    want = (base.float() + task.steps[0].module.B * 0.5 @ task.steps[0].module.A).to(torch.bfloat16)
+    assert torch.allclose(out.float(), want.float(), rtol=0, atol=1e-2) and st.delta_nonzero == 47 * 40
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("SWITCHYARD_NATIVE", "0")
+    assert native.merge_bf16() is None
