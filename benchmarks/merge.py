@@ -3,11 +3,13 @@
 Builds a random Llama-shaped bf16 checkpoint (TinyLlama-1.1B's shape, 3 shards; or an 8B shape with
 --shape 8b) and a rank-16 all-linear LoRA adapter, then times each contender in its own process with
 /usr/bin/time -v (wall time, peak RSS). The page cache is warmed first so every contender reads the
-base from memory. `cp` and switchyard (base hash cached) alternate for --rounds rounds and their
+base from memory; with --cold the base and adapter files are instead dropped from the page cache before
+every run (posix_fadvise DONTNEED), so every contender reads them from disk. `cp` and switchyard (base hash cached) alternate for --rounds rounds and their
 medians are compared; every run starts after removing the previous output, `sync` and a 1 s pause.
 Writes a "Merge" section into docs/benchmarks.md with --write-docs.
 
     .venv/bin/python benchmarks/merge.py --write-docs
+    .venv/bin/python benchmarks/merge.py --cold --write-docs
 """
 
 from __future__ import annotations
@@ -90,6 +92,19 @@ def build_adapter(path: Path, shape: str, rank: int = 16) -> None:
         "bias": "none", "task_type": "CAUSAL_LM", "lora_dropout": 0.0}))
 
 
+def evict(*folders: Path) -> None:
+    """Drop the files' pages from the page cache (clean pages only: call after a sync). The Python
+    environment stays cached: the comparison is a model that is not in memory, not a cold machine."""
+    for folder in folders:
+        for f in folder.rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
 def timed(cmd: list[str], env: dict | None = None, may_fail: bool = False) -> dict:
     """Wall seconds and peak RSS of `cmd` (in a fresh process, via /usr/bin/time -v). With `may_fail`
     a failure (PEFT killed for memory on the 8B shape) is recorded instead of ending the benchmark."""
@@ -139,6 +154,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/switchyard-merge-bench"))
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="alternating cp / switchyard (cached hash) runs")
+    ap.add_argument("--cold", action="store_true", help="base and adapter read from disk, not the page cache")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     work = args.workdir / args.shape
@@ -150,12 +166,15 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", XDG_CACHE_HOME=str(work / "cache"))
     shutil.rmtree(work / "cache", ignore_errors=True)
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
-    subprocess.run(f"cat {base}/*.safetensors > /dev/null", shell=True, check=True)  # warm the page cache
+    if not args.cold:
+        subprocess.run(f"cat {base}/*.safetensors > /dev/null", shell=True, check=True)  # warm the page cache
     load = os.getloadavg()[0]
 
     def settle(path: Path) -> None:  # the same page-cache state before every timed run
         shutil.rmtree(path, ignore_errors=True)
         os.sync()
+        if args.cold:
+            evict(base, adapter)
         time.sleep(1)
 
     results = {}
@@ -181,7 +200,7 @@ def main() -> None:
                                                   str(work / "peft")], env, may_fail=True)
         shutil.rmtree(work / "peft", ignore_errors=True)
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    report = {"shape": args.shape, "base_gb": size_gb, "mem_gib": mem_gib, "load_before": load, "after_load": os.getloadavg()[0],
+    report = {"shape": args.shape, "cold": args.cold, "base_gb": size_gb, "mem_gib": mem_gib, "load_before": load, "after_load": os.getloadavg()[0],
               "results": results, "vanished_share": prov["rounding"]["vanished_share"]}
     print(json.dumps(report, indent=2))
     if args.write_docs:
@@ -203,10 +222,13 @@ def write_docs(report: dict, command: str) -> None:
     peft = report["results"].get("PEFT merge_and_unload")
     sy = report["results"]["switchyard (base hash cached)"]
     speedup = f"switchyard is {peft['seconds'] / sy['seconds']:.1f}x faster than PEFT. " if peft and "failed" not in peft else ""
-    block = f"""### {report['shape']} ({report['base_gb']:.2f} GB bf16, rank-16 all-linear adapter)
+    heading = f"### {report['shape']}" + (", model files not cached" if report.get("cold") else "") + " ("
+    cache = ("base and adapter dropped from the page cache before every run, so read from disk" if report.get("cold")
+             else "base read through the page cache")
+    block = f"""{heading}{report['base_gb']:.2f} GB bf16, rank-16 all-linear adapter)
 
 Command: `.venv/bin/python {command}` ({os.cpu_count()} CPU cores, {report.get('mem_gib', 0):.0f} GiB of memory,
-base read through the page cache, load average {report['load_before']:.1f} before / {report['after_load']:.1f} after).
+{cache}, load average {report['load_before']:.1f} before / {report['after_load']:.1f} after).
 
 | contender | wall s (median, range) | vs cp (medians) | CPU s (user+sys, median) | peak RSS MB |
 |---|---|---|---|---|
@@ -219,7 +241,7 @@ comparison on a shared machine. The switchyard and PEFT rows include interpreter
     section_re = re.compile(r"(## Merge\n)(.*?)(?=\n## |\Z)", re.S)
     m = section_re.search(text)
     body = m.group(2) if m else ""
-    sub_re = re.compile(rf"### {re.escape(report['shape'])} .*?(?=\n### |\Z)", re.S)
+    sub_re = re.compile(rf"{re.escape(heading)}.*?(?=\n### |\Z)", re.S)
     body = sub_re.sub(block.rstrip() + "\n", body) if sub_re.search(body) else body.rstrip() + "\n\n" + block
     new = f"## Merge\n\n{body.strip()}\n"
     text = section_re.sub(lambda _: new, text) if m else text.rstrip() + "\n\n" + new
