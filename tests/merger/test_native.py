@@ -133,3 +133,15 @@ def test_without_a_compiler_the_torch_path_merges(tmp_path, monkeypatch):
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("SWITCHYARD_NATIVE", "0")
     assert native.merge_bf16() is None
+
+
+def test_an_unwritable_cache_means_the_torch_path(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # switchyard/native/ cannot be made under a file
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.merge_bf16() is None
+    assert native.last_error
+    task, base = _task((48, 40))
+    out, st = apply.run_task(task, base)
+    assert out.shape == base.shape and st.delta_nonzero == 47 * 40
