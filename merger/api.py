@@ -23,6 +23,7 @@ from merger.core.plan import PlanOptions, build_plan, step_tensors
 from merger.errors import InputError, OutputError
 from merger.io.adapter import load_adapter
 from merger.io.checkpoint import Checkpoint
+from merger.io.early import EarlyBase
 from merger.io.writer import StreamingShardWriter, index_json, parse_size, plan_shards, OutTensor
 from merger import provenance
 
@@ -78,14 +79,23 @@ def default_out_name(base: Path, adapter_name: str, adapter_sha: str, dtype: str
 
 
 def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeOptions = MergeOptions(),
-          progress: Optional[Callable[[str, int, int], None]] = None) -> MergeResult:
+          progress: Optional[Callable[[str, int, int], None]] = None, early: Optional[EarlyBase] = None) -> MergeResult:
     """Merge `adapters` into `base`, writing a standard checkpoint to `out` (None: the default name
-    beside the base). `progress(name, done_bytes, total_bytes)` is called after each tensor."""
+    beside the base). `progress(name, done_bytes, total_bytes)` is called after each tensor.
+    `early`: the base's read-ahead, started by the caller before it imported torch (else started here)."""
+    try:
+        return _merge(Path(base), adapters, out, options, progress, early)
+    finally:
+        if early is not None:
+            early.stop()  # a no-op once finished; ends its thread after an error
+
+
+def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeOptions,
+           progress: Optional[Callable[[str, int, int], None]], early: Optional[EarlyBase]) -> MergeResult:
     import torch
 
     start, t0 = datetime.now(timezone.utc), time.perf_counter()
     _return_freed_memory()
-    base = Path(base)
     if not adapters:
         raise InputError("no adapter given", "pass at least one PEFT adapter folder")
     options.check(len(adapters))
@@ -112,15 +122,18 @@ def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeO
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    own = early is None or early.paths != [s.path for s in ckpt.shards]
+    if own:
+        early = EarlyBase.start(base, ckpt)
     try:
-        cached = provenance.cached_hashes([s.path for s in ckpt.shards])
-        commit = provenance.hub_commit(base)
+        cached, commit = early.cached, early.commit
         writer = StreamingShardWriter(tmp, shards)
         total = sum(ckpt.tensors[t.source].nbytes for t in plan.tasks)
         done = [0]
 
         def on_tensor(task, nbytes):
             done[0] += nbytes
+            early.advance(done[0])
             if progress:
                 progress(task.name, done[0], total)
 
@@ -135,20 +148,11 @@ def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeO
                 pages.release(tensors)
 
         result = execute(ckpt, plan, writer, compute=compute, device=options.device, workers=options.workers,
-                         hash_base=commit is None and len(cached) < len(ckpt.shards), on_tensor=on_tensor,
-                         release=release)
+                         on_tensor=on_tensor, release=release)
         base_hashes = dict(cached)
-        fresh = {s.path: result.base_sha256[s.path.name] for s in ckpt.shards
-                 if s.path.name in result.base_sha256 and s.path.name not in cached}
-        base_hashes.update({p.name: h for p, h in fresh.items()})
-        if commit is None:
-            from merger.io.adapter import sha256_file
-
-            for s in ckpt.shards:  # shards whose bytes did not stream contiguously
-                if s.path.name not in base_hashes:
-                    base_hashes[s.path.name] = fresh_hash = sha256_file(s.path)
-                    fresh[s.path] = fresh_hash
-            provenance.remember_hashes(fresh)
+        if early.hashing:
+            base_hashes = early.result()
+            provenance.remember_hashes({p: base_hashes[p.name] for p in early.paths if p.name not in cached})
         if len(shards) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(shards), indent=2))
         _copy_side_files(base, tmp, base_config, plan, options)
@@ -178,6 +182,9 @@ def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeO
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if own:
+            early.stop()
     return MergeResult(out, prov, rounding, len(result.stats), result.bytes_written,
                        time.perf_counter() - t0, peak, plan.notes)
 

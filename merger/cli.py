@@ -27,6 +27,10 @@ def merge_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Merge LoRA adapter(s) into a base checkpoint, exactly, streaming tensor by tensor."""
+    from merger.io.early import EarlyBase
+
+    # before `import torch` (~1 s with a core to spare): hash the base, or pull it off the disk, meanwhile
+    early = EarlyBase.start(base)
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -45,7 +49,7 @@ def merge_command(
             count[0] += 1
             bar.update(job, completed=done, total=total, tensors=count[0])
 
-        result = merge(base, list(adapters), out, options, progress=progress)
+        result = merge(base, list(adapters), out, options, progress=progress, early=early)
     for note in result.notes:
         console.print(f"note: {note}")
     r = result.rounding

@@ -6,13 +6,11 @@ plus the adapter pages of the tasks in flight (`release`). Passthrough tensors (
 lm_head: the largest tensors of a model) are copied from the map to the output without conversion,
 `SLICE_BYTES` at a time, each slice's pages dropped once written, so they cost one slice of memory
 whatever their size.
-The base shards' sha256 is computed from the same bytes as they stream past, in file order, in a thread
-of its own (`_BaseHashing`).
+The base shards' sha256 is computed by `merger.io.early`, a little ahead of this loop.
 """
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import threading
 import warnings
@@ -20,58 +18,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from merger.core.plan import MergePlan, TensorTask
 from merger.errors import NonFiniteError
 from merger.io.checkpoint import DTYPE_SIZES, Checkpoint, ShardReader, TensorInfo
 from merger.io.writer import StreamingShardWriter
-
-
-class _StreamHasher:
-    """sha256 of a shard from its tensors' bytes, valid only if they arrive contiguously in order."""
-
-    def __init__(self, reader: ShardReader, data_start: int, size: int) -> None:
-        self.h = hashlib.sha256(reader.header_bytes(data_start))
-        self.pos, self.size, self.ok = data_start, size, True
-
-    def feed(self, begin: int, end: int, data) -> None:
-        if begin == self.pos:
-            self.h.update(data)
-            self.pos = end
-        elif begin > self.pos:
-            self.ok = False  # a gap: hash the file afterwards
-
-    def digest(self) -> Optional[str]:
-        return self.h.hexdigest() if self.ok and self.pos == self.size else None
-
-
-class _BaseHashing:
-    """Feeds the base shards' hashers in a thread of its own, in file order (one worker), so hashing
-    the base overlaps the writes and the merge math. A job maps its bytes a slice at a time and drops
-    each slice's pages once hashed. `submit` first waits for the previous job: a slow hasher holds the
-    merge back instead of letting work pile up."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-base")
-        self._last = None
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        if self._last is not None:
-            self._last.result()
-        self._last = self._pool.submit(fn)
-
-    def close(self) -> None:
-        """Wait for the last job; its error, if any, is raised."""
-        try:
-            if self._last is not None:
-                self._last.result()
-        finally:
-            self._pool.shutdown(wait=True)
-
-    def stop(self) -> None:
-        """Wait for the thread without raising (cleanup after another error, which must not be masked)."""
-        self._pool.shutdown(wait=True)
 
 
 # exponent bits of each float format: all ones means Inf or NaN
@@ -80,7 +32,6 @@ _EXPONENT = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7
 
 
 SLICE_BYTES = 64 << 20  # passthrough tensors stream from the map in slices this size
-HASH_SLICE_BYTES = 8 << 20  # the base hasher maps this much at a time
 
 
 def has_nonfinite(data, dtype: str) -> bool:
@@ -124,13 +75,12 @@ class _BufferPool:
 @dataclass(frozen=True)
 class ExecutionResult:
     stats: tuple  # TensorStats of every merged tensor
-    base_sha256: dict  # shard file name -> sha256 (only those hashed while streaming)
     output_sha256: dict
     bytes_written: int
 
 
 def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, compute, device: str = "cpu",
-            workers: int = 2, depth: int = 2, hash_base: bool = True,
+            workers: int = 2, depth: int = 2,
             on_tensor: Callable[[TensorTask, int], None] = lambda task, nbytes: None,
             release: Callable[[TensorTask], None] = lambda task: None) -> ExecutionResult:
     """`release(task)` runs once the task's output is written: it lets the adapter memory it read go."""
@@ -139,7 +89,6 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
     from merger.core.apply import ST_TO_TORCH, run_task
 
     readers = {s.path: ShardReader(s.path) for s in ckpt.shards}
-    hashers = {s.path: _StreamHasher(readers[s.path], s.data_start, s.size) for s in ckpt.shards} if hash_base else {}
     stats = []
     written = 0
     buffers = _BufferPool()
@@ -162,14 +111,12 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
             buffers.give(buf)  # not used
             buf = None
         out = out.contiguous().reshape(-1).view(torch.uint8).numpy()
-        # drop the source pages now, not after the write: the base hasher, if any, reads them back
-        # from the page cache a slice at a time
-        readers[info.shard].release(info.begin, info.end)
+        readers[info.shard].release(info.begin, info.end)  # now, not after the write
         return out, st, buf
 
     def passthrough_slices(task: TensorTask, info: TensorInfo):
-        """The tensor's bytes from the map, checked for NaN/Inf and base-hashed slice by slice; each
-        slice's pages are dropped once the writer has taken it."""
+        """The tensor's bytes from the map, checked for NaN/Inf slice by slice; each slice's pages
+        are dropped once the writer has taken it."""
         reader = readers[info.shard]
         view = reader.view(info)
         for off in range(0, max(1, info.nbytes), SLICE_BYTES):
@@ -178,26 +125,7 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
                 raise NonFiniteError(f"base tensor {task.source} has NaN/Inf values",
                                      "the base checkpoint is broken; re-download or re-save it. Nothing was written")
             yield part
-            begin = info.begin + off
-            after_write(info, begin, begin + len(part), hashed=task.name == task.source)
-
-    base_hashing = _BaseHashing() if hash_base else None
-
-    def after_write(info: TensorInfo, begin: int, end: int, hashed: bool) -> None:
-        """Source bytes [begin, end) are written: hash them (in file order) and drop their pages."""
-        reader = readers[info.shard]
-        if base_hashing is None or not hashed:
-            reader.release(begin, end)
-            return
-
-        def job():  # slice by slice, each slice's pages dropped once hashed: one slice stays mapped
-            view = reader.view(info)
-            for lo in range(begin, end, HASH_SLICE_BYTES):
-                hi = min(end, lo + HASH_SLICE_BYTES)
-                hashers[info.shard].feed(lo, hi, view[lo - info.begin:hi - info.begin])
-                reader.release(lo, hi)
-
-        base_hashing.submit(job)
+            reader.release(info.begin + off, info.begin + off + len(part))
 
     threads = torch.get_num_threads()
     if device == "cpu":
@@ -220,7 +148,6 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
                     writer.write_parts(task.name, passthrough_slices(task, info))
                 else:
                     writer.write(task.name, data)
-                    after_write(info, info.begin, info.end, hashed=task.name == task.source)
                 written += info.nbytes
                 if st is not None:
                     stats.append(st)
@@ -232,20 +159,15 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
                 nxt = next(tasks, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(work, nxt)))
-        if base_hashing is not None:
-            base_hashing.close()
         writer.close()
     except BaseException:
         writer.abort()
         raise
     finally:
-        if base_hashing is not None:
-            base_hashing.stop()  # before the maps it reads are closed
         torch.set_num_threads(threads)
         for r in readers.values():
             r.close()
-    base_sha = {p.name: d for p, h in hashers.items() if (d := h.digest())}
-    return ExecutionResult(tuple(stats), base_sha, dict(writer.sha256), written)
+    return ExecutionResult(tuple(stats), dict(writer.sha256), written)
 
 
 def shard_paths(ckpt: Checkpoint) -> list[Path]:

@@ -241,54 +241,57 @@ def test_passthrough_tensors_stream_in_slices_exactly(pair, tmp_path, monkeypatc
     _nothing_written(tmp_path, tmp_path / "out")
 
 
-def test_base_hash_streams_in_its_thread_with_the_writes(pair, tmp_path, monkeypatch):
-    """A first merge of a base hashes it from the bytes streaming past, in file order, in the
-    `sha256-base` thread, slice by slice for untouched tensors; the file is not read again for it."""
+def test_base_hash_runs_in_its_thread_and_is_recorded(pair, tmp_path, monkeypatch):
+    """A first merge of a base hashes it in the `sha256-base` thread, 8 MiB (here 256 B) at a time,
+    each slice's pages dropped once hashed; the hash is recorded and cached, so the next merge of the
+    same base does not hash it again."""
     import hashlib
     import threading
 
-    import merger.executor as executor
-    import merger.io.adapter as adapter_io
+    import merger.io.early as early_io
 
     base, adapter = pair
-    monkeypatch.setattr(executor, "SLICE_BYTES", 256)
-    threads = set()
-    real_feed = executor._StreamHasher.feed
+    monkeypatch.setattr(early_io, "SLICE_BYTES", 256)
+    seen = []
+    real_drop = early_io.drop_pages
 
-    def feed(self, begin, end, data):
-        threads.add(threading.current_thread().name.split("_")[0])
-        return real_feed(self, begin, end, data)
+    def drop_pages(m, lo, hi):
+        seen.append((threading.current_thread().name, lo, hi))
+        return real_drop(m, lo, hi)
 
-    monkeypatch.setattr(executor._StreamHasher, "feed", feed)
-    real_file_hash = adapter_io.sha256_file
-    monkeypatch.setattr(adapter_io, "sha256_file", lambda p: (_ for _ in ()).throw(AssertionError(f"re-read {p}"))
-                        if p.name.endswith("model.safetensors") and p.parent == base else real_file_hash(p))
+    monkeypatch.setattr(early_io, "drop_pages", drop_pages)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # nothing cached: hash while merging
     res = merge(base, [adapter], tmp_path / "out")
-    assert threads == {"sha256-base"}
-    assert res.provenance["base"]["shards_sha256"]["model.safetensors"] == hashlib.sha256(
-        (base / "model.safetensors").read_bytes()).hexdigest()
+    data = (base / "model.safetensors").read_bytes()
+    assert {name for name, _, _ in seen} == {"sha256-base"}
+    assert [(lo, hi) for _, lo, hi in seen] == [(lo, min(len(data), lo + 256)) for lo in range(0, len(data), 256)]
+    assert res.provenance["base"]["shards_sha256"]["model.safetensors"] == hashlib.sha256(data).hexdigest()
+    seen.clear()
+    again = merge(base, [adapter], tmp_path / "out2")
+    assert seen == []  # taken from the cache
+    assert again.provenance["base"]["shards_sha256"] == res.provenance["base"]["shards_sha256"]
 
 
 def test_a_write_error_is_not_masked_by_the_base_hash_thread(pair, tmp_path, monkeypatch):
-    """The writer fails while the base hasher's last job is still running and then fails too: the
-    user sees the write error (the first one), and nothing is left behind."""
+    """The base hasher fails, and then the writer fails too: the user sees the write error (the
+    merge's own), and nothing is left behind."""
     import time
 
-    import merger.executor as executor
+    import merger.io.early as early_io
     import merger.io.writer as writer
 
     base, adapter = pair
+    monkeypatch.setattr(early_io, "SLICE_BYTES", 256)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # hash while merging
-    feeds, parts = [0], [0]
-    real_feed, real_parts = executor._StreamHasher.feed, writer.StreamingShardWriter.write_parts
+    slices, parts = [0], [0]
+    real_parts = writer.StreamingShardWriter.write_parts
 
-    def feed(self, begin, end, data):
-        feeds[0] += 1
-        if feeds[0] == 2:
-            time.sleep(0.3)  # still running when the writer fails
+    def drop_pages(m, lo, hi):
+        slices[0] += 1
+        if slices[0] == 2:
+            time.sleep(0.3)
             raise RuntimeError("hasher failed")
-        return real_feed(self, begin, end, data)
+        return 0
 
     def write_parts(self, name, data):
         parts[0] += 1
@@ -296,9 +299,26 @@ def test_a_write_error_is_not_masked_by_the_base_hash_thread(pair, tmp_path, mon
             raise OutputError("disk full while writing model.safetensors", "free space")
         return real_parts(self, name, data)
 
-    monkeypatch.setattr(executor._StreamHasher, "feed", feed)
+    monkeypatch.setattr(early_io, "drop_pages", drop_pages)
     monkeypatch.setattr(writer.StreamingShardWriter, "write_parts", write_parts)
     with pytest.raises(OutputError, match="disk full"):
         merge(base, [adapter], tmp_path / "out")
-    assert feeds[0] == 2
+    assert slices[0] == 2
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_a_base_that_cannot_be_read_for_its_hash_fails_the_merge(pair, tmp_path, monkeypatch):
+    """A read error while hashing the base is an error of the merge (a provenance without the
+    base's hash is not written), named, and nothing is left behind."""
+    import merger.io.early as early_io
+
+    base, adapter = pair
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))
+
+    def drop_pages(m, lo, hi):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(early_io, "drop_pages", drop_pages)
+    with pytest.raises(InputError, match="cannot read .*model.safetensors to hash it: Input/output error"):
+        merge(base, [adapter], tmp_path / "out")
     _nothing_written(tmp_path, tmp_path / "out")
