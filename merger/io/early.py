@@ -77,7 +77,10 @@ class EarlyBase:
             self._thread.join()
         if self._error is not None:
             raise self._error
-        return {p.name: h for p in self.paths if (h := self.cached.get(p.name) or self._digests.get(p.name))}
+        hashes = {p.name: h for p in self.paths if (h := self.cached.get(p.name) or self._digests.get(p.name))}
+        if self.hashing and len(hashes) < len(self.paths):  # stopped before the end: never a partial record
+            raise RuntimeError(f"the base hash was stopped before the end ({sorted(hashes)} of {len(self.paths)})")
+        return hashes
 
     def stop(self) -> None:
         """End the thread without raising (cleanup after another error, which must not be masked)."""

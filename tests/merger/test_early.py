@@ -56,6 +56,8 @@ def test_stop_ends_a_waiting_hasher_without_a_result(base, tmp_path, monkeypatch
     assert _settled(early) == 512
     early.stop()
     assert not early._thread.is_alive() and early._digests == {}
+    with pytest.raises(RuntimeError, match="stopped before the end"):
+        early.result()  # no partial hashes for the provenance
 
 
 def test_a_cached_base_is_not_read(base, tmp_path, monkeypatch):
