@@ -147,6 +147,7 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
             for pages in mapped:
                 pages.release(tensors)
 
+        kernel, kernel_note = _kernel_state(plan, options)
         result = execute(ckpt, plan, writer, compute=compute, device=options.device, workers=options.workers,
                          on_tensor=on_tensor, release=release)
         base_hashes = dict(cached)
@@ -174,7 +175,7 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
             "rounding": rounding,
             "notes": list(plan.notes),
             "validation": None,
-            "resources": {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak},
+            "resources": {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak, "native_kernel": kernel},
         }
         (tmp / "switchyard.json").write_text(json.dumps(prov, indent=2))
         (tmp / "README.md").write_text(provenance.model_card(prov))
@@ -186,7 +187,25 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
         if own:
             early.stop()
     return MergeResult(out, prov, rounding, len(result.stats), result.bytes_written,
-                       time.perf_counter() - t0, peak, plan.notes)
+                       time.perf_counter() - t0, peak, plan.notes + ((kernel_note,) if kernel_note else ()))
+
+
+def _kernel_state(plan, options: MergeOptions) -> tuple[str, Optional[str]]:
+    """Whether the bf16 merge loop runs in merger/native's C kernel: (state for the provenance, a note
+    for the user when it could have and could not)."""
+    from merger import native
+
+    wanted = options.device == "cpu" and not options.precise and any(
+        t.steps and t.src_dtype == t.out_dtype == "BF16" for t in plan.tasks)
+    if not wanted:
+        return "not used (no bfloat16 tensor merged on CPU in float32)", None
+    if not native.enabled():
+        return "off (SWITCHYARD_NATIVE=0)", None
+    if native.merge_bf16() is None:
+        return f"unavailable: {native.last_error}", (
+            f"the merge's C kernel could not be built ({native.last_error}); the torch loop ran instead: "
+            "same output, about 25% slower (install a C compiler such as gcc, or set CC)")
+    return "used", None
 
 
 def _return_freed_memory() -> None:

@@ -145,3 +145,27 @@ def test_an_unwritable_cache_means_the_torch_path(tmp_path, monkeypatch):
     task, base = _task((48, 40))
     out, st = apply.run_task(task, base)
     assert out.shape == base.shape and st.delta_nonzero == 47 * 40
+
+
+def test_a_merge_says_when_it_could_not_use_the_kernel(tmp_path, monkeypatch):
+    from merger.api import merge
+    from tests.merger.common import make_adapter, tiny_model
+
+    base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    monkeypatch.setattr(native, "_loaded", {})
+    ok = merge(base, [adapter], tmp_path / "ok")
+    assert ok.provenance["resources"]["native_kernel"] == "used"
+    assert not [n for n in ok.notes if "C kernel" in n]
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setattr(native, "_loaded", {})
+    slow = merge(base, [adapter], tmp_path / "slow")
+    assert slow.provenance["resources"]["native_kernel"].startswith("unavailable: no C compiler")
+    assert [n for n in slow.notes if "C kernel could not be built" in n and "install a C compiler" in n]
+    assert slow.provenance["output"]["shards_sha256"] == ok.provenance["output"]["shards_sha256"]  # same bytes
+
+    f32 = merge(tiny_model(tmp_path / "f32"), [adapter], tmp_path / "f32-out")
+    assert f32.provenance["resources"]["native_kernel"].startswith("not used")
+    assert not [n for n in f32.notes if "C kernel" in n]
