@@ -147,7 +147,7 @@ def test_an_unwritable_cache_means_the_torch_path(tmp_path, monkeypatch):
     assert out.shape == base.shape and st.delta_nonzero == 47 * 40
 
 
-def test_a_merge_says_when_it_could_not_use_the_kernel(tmp_path, monkeypatch):
+def test_a_merge_says_when_it_could_not_use_the_kernel(tmp_path, monkeypatch, kernel):
     from merger.api import merge
     from tests.merger.common import make_adapter, tiny_model
 
