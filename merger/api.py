@@ -150,9 +150,8 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
         kernel, kernel_note = _kernel_state(plan, options)
         result = execute(ckpt, plan, writer, compute=compute, device=options.device, workers=options.workers,
                          on_tensor=on_tensor, release=release)
-        base_hashes = dict(cached)
+        base_hashes = early.result()  # the cached ones, plus those hashed during this merge
         if early.hashing:
-            base_hashes = early.result()
             provenance.remember_hashes({p: base_hashes[p.name] for p in early.paths if p.name not in cached})
         if len(shards) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json(shards), indent=2))

@@ -29,7 +29,7 @@ def merge_command(
     """Merge LoRA adapter(s) into a base checkpoint, exactly, streaming tensor by tensor."""
     from merger.io.early import EarlyBase
 
-    # before `import torch` (~1 s with a core to spare): hash the base, or pull it off the disk, meanwhile
+    # before `import torch` (~1 s with a core to spare): a first merge of this base hashes it meanwhile
     early = EarlyBase.start(base)
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn

@@ -17,7 +17,6 @@ import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from merger.core.plan import MergePlan, TensorTask
@@ -168,7 +167,3 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
         for r in readers.values():
             r.close()
     return ExecutionResult(tuple(stats), dict(writer.sha256), written)
-
-
-def shard_paths(ckpt: Checkpoint) -> list[Path]:
-    return [s.path for s in ckpt.shards]

@@ -160,9 +160,6 @@ class ShardReader:
     def view(self, info: TensorInfo) -> memoryview:
         return self._view[info.begin:info.end]
 
-    def header_bytes(self, upto: int) -> memoryview:
-        return self._view[:upto]
-
     def release(self, begin: int, end: int) -> None:
         drop_pages(self._map, begin, end)
 

@@ -81,7 +81,7 @@ def _build() -> Path:
             if proc.returncode == 0:
                 os.replace(tmp, out)
                 return out
-            errors.append(proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"])
+            errors.append((proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1])
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
