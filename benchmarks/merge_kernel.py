@@ -1,0 +1,101 @@
+"""One-thread timings behind the merge kernel's design (docs/benchmarks.md, Merge, ninth session).
+
+1. The single-LoRA chunk loop per 1.1 G elements: torch's six passes one by one, and the rank-16 GEMM
+   plus merger/native's fused pass (2^19-element chunk, in cache, timed in a loop).
+2. A whole 5632 x 2048 bf16 tensor, GEMM + kernel, by chunk size.
+3. sha256: one 1 MiB buffer hashed over and over, and a 23 MB tensor; then the tensor's merge followed
+   by its hash against each chunk hashed right after the kernel wrote it, by chunk size.
+
+    .venv/bin/python benchmarks/merge_kernel.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from merger import native  # noqa: E402
+from merger.core.apply import _count_equal, _sumsq  # noqa: E402
+
+PER = 1.1e9  # report seconds per this many elements (about the 1.1B model's merged weights)
+
+
+def per_call(fn, n: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    kernel = native.merge_bf16()
+    if kernel is None:
+        raise SystemExit(f"no native kernel: {native.last_error}")
+    sums, same = np.zeros(2), np.zeros(1, dtype=np.int64)
+
+    def run_kernel(b, d, o):
+        kernel(b.data_ptr(), d.data_ptr(), o.data_ptr(), b.numel(), sums.ctypes.data, same.ctypes.data)
+
+    chunk, cols = 1 << 19, 2048
+    rows = chunk // cols
+    b = torch.randn(rows, cols).to(torch.bfloat16)
+    c, d = torch.empty(rows, cols), torch.empty(rows, cols)
+    o = torch.empty(rows, cols, dtype=torch.bfloat16)
+    L, R = torch.randn(rows, 16) * 0.01, torch.randn(16, cols) * 0.1
+    print("1. chunk loop, seconds per 1.1 G elements (one thread)")
+    passes = {"upcast": lambda: c.copy_(b), "addmm": lambda: c.addmm_(L, R), "sum of squares": lambda: _sumsq(c),
+              "round": lambda: o.copy_(c), "compare": lambda: _count_equal(o, b, scratch=d),
+              "error": lambda: _sumsq(d.copy_(o).sub_(c))}
+    total = 0.0
+    for name, fn in passes.items():
+        t = per_call(fn, 200) * PER / chunk
+        total += t
+        print(f"   torch {name:15s} {t:.2f}")
+    print(f"   torch, all six     {total:.2f}")
+    gemm = per_call(lambda: torch.mm(L, R, out=c), 200) * PER / chunk
+    fused = per_call(lambda: run_kernel(b, c, o), 200) * PER / chunk
+    print(f"   GEMM {gemm:.2f} + kernel {fused:.2f} = {gemm + fused:.2f}")
+
+    R0 = 5632
+    base = torch.randn(R0, cols).to(torch.bfloat16)
+    Lw = torch.randn(R0, 16) * 0.01
+    out = torch.empty(R0, cols, dtype=torch.bfloat16)
+    out_bytes = out.view(-1).view(torch.uint8).numpy()
+
+    def merge_tensor(chunk_elems: int, h=None):
+        r = chunk_elems // cols
+        scratch = torch.empty(r * cols)
+        for s in range(0, R0, r):
+            bs = base[s:s + r]
+            ds = scratch[:bs.numel()].view(bs.shape)
+            torch.mm(Lw[s:s + r], R, out=ds)
+            run_kernel(bs, ds, out[s:s + r])
+            if h is not None:
+                h.update(out[s:s + r].reshape(-1).view(torch.uint8).numpy())
+
+    print(f"2. a {R0} x {cols} tensor, GEMM + kernel, ms by chunk size")
+    for k in (17, 18, 19, 20, 21):
+        print(f"   2^{k}: {per_call(lambda: merge_tensor(1 << k), 20) * 1e3:.1f}")
+
+    print("3. sha256")
+    mib = bytes(1 << 20)
+    t = per_call(lambda: hashlib.sha256(mib), 500)
+    print(f"   1 MiB buffer, hashed over and over: {len(mib) / t / 1e9:.2f} GB/s")
+    t = per_call(lambda: hashlib.sha256(out_bytes), 10)
+    print(f"   {out_bytes.nbytes / 1e6:.0f} MB tensor: {out_bytes.nbytes / t / 1e9:.2f} GB/s")
+    for k in (18, 19):
+        after = per_call(lambda: (merge_tensor(1 << k), hashlib.sha256(out_bytes)), 10)
+        during = per_call(lambda: merge_tensor(1 << k, hashlib.sha256()), 10)
+        print(f"   chunks of 2^{k}: merge then hash {after * 1e3:.1f} ms, each chunk hashed as written {during * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
