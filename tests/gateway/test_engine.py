@@ -177,15 +177,22 @@ def test_engine_killed_mid_request_then_recovers(gw_server):
         except openai.APIStatusError as exc:
             outcome["plain"] = exc.status_code
 
+    def waited_for(n: int) -> int:
+        deadline = time.monotonic() + 30
+        while gw_server.gateway.in_flight("base") < n and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return gw_server.gateway.in_flight("base")
+
+    # the plain request first: the gateway holds it until the engine has finished all of it, so the
+    # stream opened next overlaps it for that whole time (opened first, a stream of the tiny model
+    # could end before the thread's request arrived, and once in a CI run did)
+    client = oai(gw_server)
     worker = threading.Thread(target=plain)
-    stream = oai(gw_server).completions.create(model=base, prompt="a", max_tokens=max_tokens, stream=True,
-                                               extra_body=long)
-    got = [next(iter(stream))]
     worker.start()
-    deadline = time.monotonic() + 30
-    while gw_server.gateway.in_flight("base") < 2 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert gw_server.gateway.in_flight("base") == 2  # both requests are at the engine
+    assert waited_for(1) == 1
+    stream = client.completions.create(model=base, prompt="a", max_tokens=max_tokens, stream=True, extra_body=long)
+    got = [next(iter(stream))]
+    assert waited_for(2) == 2  # both requests are at the engine
     os.killpg(engine.process.pid, signal.SIGKILL)
     try:
         with pytest.raises(openai.APIError, match="incomplete"):
