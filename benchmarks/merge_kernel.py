@@ -5,6 +5,8 @@
 2. A whole 5632 x 2048 bf16 tensor, GEMM + kernel, by chunk size.
 3. sha256: one 1 MiB buffer hashed over and over, and a 23 MB tensor; then the tensor's merge followed
    by its hash against each chunk hashed right after the kernel wrote it, by chunk size.
+4. Each chunk hashed by a second thread right behind the one that wrote it (at most 4 chunks behind),
+   against the same thread: the hash's rate on bytes another core just wrote.
 
     .venv/bin/python benchmarks/merge_kernel.py
 """
@@ -12,7 +14,9 @@
 from __future__ import annotations
 
 import hashlib
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +99,50 @@ def main() -> None:
         after = per_call(lambda: (merge_tensor(1 << k), hashlib.sha256(out_bytes)), 10)
         during = per_call(lambda: merge_tensor(1 << k, hashlib.sha256()), 10)
         print(f"   chunks of 2^{k}: merge then hash {after * 1e3:.1f} ms, each chunk hashed as written {during * 1e3:.1f} ms")
+
+    print("4. sha256 of each chunk as it is written, 2^19-element chunks, 10 tensors")
+    chunk_rows = (1 << 19) // cols
+    n_tensors = 10
+
+    def same_thread() -> tuple[float, float]:
+        h, busy = hashlib.sha256(), 0.0
+        t0 = time.perf_counter()
+        for _ in range(n_tensors):
+            for s in range(0, R0, chunk_rows):
+                run_kernel(base[s:s + chunk_rows], c[:min(chunk_rows, R0 - s)], out[s:s + chunk_rows])
+                t = time.perf_counter()
+                h.update(out[s:s + chunk_rows].reshape(-1).view(torch.uint8).numpy())
+                busy += time.perf_counter() - t
+        return time.perf_counter() - t0, busy
+
+    def second_thread() -> tuple[float, float]:
+        q: queue.Queue = queue.Queue(maxsize=4)
+        busy = [0.0]
+
+        def hasher():
+            h = hashlib.sha256()
+            while (item := q.get()) is not None:
+                t = time.perf_counter()
+                h.update(item)
+                busy[0] += time.perf_counter() - t
+        th = threading.Thread(target=hasher)
+        t0 = time.perf_counter()
+        th.start()
+        outs = [torch.empty(R0, cols, dtype=torch.bfloat16) for _ in range(2)]  # the pool's two buffers
+        for i in range(n_tensors):
+            o = outs[i % 2]
+            for s in range(0, R0, chunk_rows):
+                run_kernel(base[s:s + chunk_rows], c[:min(chunk_rows, R0 - s)], o[s:s + chunk_rows])
+                q.put(o[s:s + chunk_rows].reshape(-1).view(torch.uint8).numpy())
+        q.put(None)
+        th.join()
+        return time.perf_counter() - t0, busy[0]
+
+    nbytes = out_bytes.nbytes * n_tensors
+    for name, fn in (("same thread", same_thread), ("second thread", second_thread)):
+        fn()
+        wall, busy = fn()
+        print(f"   {name:13s}: {wall * 1e3:.0f} ms, hashing {busy * 1e3:.0f} ms = {nbytes / busy / 1e9:.2f} GB/s")
 
 
 if __name__ == "__main__":
