@@ -32,6 +32,7 @@ from demo.recipe import Recipe, recipe_hash
 from demo.report import BuildReport, TaskScore, render_markdown
 from demo.tasks import echo_example, split_task
 from demo.toml import deployment_toml
+from switchyard.files import replace_dir
 
 DEFAULT_ROOT = Path("artifacts/demo")
 BASE_NAME = "demo-base"
@@ -74,25 +75,18 @@ def ensure_demo(root: Path = DEFAULT_ROOT, *, force: bool = False, recipe: Recip
 def build_demo(root: Path, recipe: Recipe, progress: Progress) -> BuildReport:
     """Build everything into a temporary folder beside `root`, then swap it into place."""
     # only the lock holder builds, so any other temporary folder is left over from a killed build
-    for stale in [*root.parent.glob(f"{root.name}.tmp-*"), *root.parent.glob(f"{root.name}.old-*")]:
+    for stale in [*root.parent.glob(f"{root.name}.tmp-*"), *root.parent.glob(f".{root.name}.old-*"),
+                  *root.parent.glob(f"{root.name}.old-*")]:  # the last: left by builds before replace_dir
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root.parent / f"{root.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
         report = _build_into(tmp, recipe, progress)
-        _swap_into_place(tmp, root)
+        replace_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
-
-
-def _swap_into_place(tmp: Path, root: Path) -> None:
-    old = root.parent / f"{root.name}.old-{os.getpid()}"
-    if root.exists():
-        root.rename(old)
-    tmp.rename(root)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_into(out: Path, recipe: Recipe, progress: Progress) -> BuildReport:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from loadtests.analysis import LevelResult
 from loadtests.records import RequestRecord, RunLog
+from switchyard.files import replace_dir
 
 REPORT_VERSION = 1
 MD_COLUMNS = (  # (header, key, format)
@@ -147,12 +148,4 @@ def _finite(o: Any) -> Any:
 
 def publish(tmp: Path, out: Path) -> Path:
     """Move the finished `tmp` folder to `out`, replacing an earlier report there."""
-    out = Path(out).resolve()
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
+    return replace_dir(tmp, Path(out).resolve())

@@ -8,7 +8,6 @@ full, Ctrl-C) leaves `out` as it was.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import time
@@ -26,6 +25,7 @@ from merger.io.checkpoint import Checkpoint
 from merger.io.early import EarlyBase
 from merger.io.writer import StreamingShardWriter, index_json, parse_size, plan_shards, OutTensor
 from merger import provenance
+from switchyard.files import replace_dir
 
 _SKIP = {"model.safetensors.index.json", "README.md", "switchyard.json"}
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -243,18 +243,10 @@ def _copy_side_files(base: Path, tmp: Path, base_config: dict, plan, options: Me
 
 
 def _rename_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
     try:
-        os.rename(tmp, out)
+        replace_dir(tmp, out)
     except OSError as exc:
-        if old is not None:
-            os.rename(old, out)
         raise OutputError(f"cannot move the merged model to {out}: {exc.strerror}", "check --out") from exc
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_weights(text: Optional[str]) -> Optional[tuple[float, ...]]:

@@ -36,6 +36,7 @@ from merger.quant_provenance import (
     shard_digests,
     weights_size,
 )
+from switchyard.files import replace_dir
 
 __all__ = ["QuantizeError", "QuantizeOptions", "QuantizeReport", "QuantizeResult", "ModelScore",
            "quantize", "default_out", "check_options", "check_model",
@@ -262,17 +263,6 @@ def _score(d: dict | None) -> ModelScore | None:
     return ModelScore(d["accuracy"], d["perplexity"], d["eval_items"], d["heldout_tokens"])
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; a previous `out` (only with --force) is removed after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def quantize(model: Path, out: Path | None = None, options: QuantizeOptions = QuantizeOptions(),
              progress: ProgressFn | None = None,
              clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> QuantizeResult:
@@ -332,7 +322,7 @@ def quantize(model: Path, out: Path | None = None, options: QuantizeOptions = Qu
         written = dict(provenance or {})
         written["quantization"] = record
         (tmp / "switchyard.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-        _install(tmp, out)
+        replace_dir(tmp, out)  # a previous `out` (only with --force) goes once this is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)

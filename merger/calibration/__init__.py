@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 HERE = Path(__file__).resolve().parent
 BUILTIN_CALIBRATION = HERE / "builtin.jsonl"
@@ -46,17 +46,22 @@ def _normalise(obj: object, where: str) -> dict:
                                  f"got {sorted(obj)}")
 
 
-def parse_samples(lines: Iterable[str], source: str = "<lines>") -> list[dict]:
-    """Normalised samples, in file order; blank lines are skipped. Raises CalibrationFormatError."""
-    out = []
+def _json_lines(lines: Iterable[str], source: str) -> Iterator[tuple[str, object]]:
+    """(`source:line`, parsed object) for each non-blank line. Raises CalibrationFormatError."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield f"{source}:{number}", json.loads(line)
         except ValueError as exc:
             raise CalibrationFormatError(f"{source}:{number}: not JSON ({exc})") from exc
-        sample = _normalise(obj, f"{source}:{number}")
+
+
+def parse_samples(lines: Iterable[str], source: str = "<lines>") -> list[dict]:
+    """Normalised samples, in file order; blank lines are skipped. Raises CalibrationFormatError."""
+    out = []
+    for where, obj in _json_lines(lines, source):
+        sample = _normalise(obj, where)
         if sample.get("text", "x").strip():  # an empty text calibrates nothing
             out.append(sample)
     return out
@@ -70,16 +75,10 @@ def load_samples(path: Path) -> list[dict]:
 def parse_eval_items(lines: Iterable[str], source: str = "<lines>") -> list[dict]:
     """Eval lines `{"prompt", "expected"}` (both strings), in file order."""
     out = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise CalibrationFormatError(f"{source}:{number}: not JSON ({exc})") from exc
+    for where, obj in _json_lines(lines, source):
         if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
                 and isinstance(obj.get("expected"), str)):
-            raise CalibrationFormatError(f"{source}:{number}: expected {{\"prompt\": str, \"expected\": str}}")
+            raise CalibrationFormatError(f"{where}: expected {{\"prompt\": str, \"expected\": str}}")
         out.append({"prompt": obj["prompt"], "expected": obj["expected"]})
     return out
 

@@ -62,7 +62,7 @@ def test_report_and_cache_key(tiny_demo):
     assert all(0.0 <= s["base"] <= 1.0 and 0.0 <= s["adapter_acc"] <= 1.0 for s in report["scores"])
     assert "| reverse | demo-reverse |" in (root / "report.md").read_text()
     assert is_up_to_date(root, TINY) and not is_up_to_date(root, Recipe())
-    assert not list(root.parent.glob("demo.tmp-*")) and not list(root.parent.glob("demo.old-*"))
+    assert not list(root.parent.glob("demo.tmp-*")) and not list(root.parent.glob(".demo.old-*"))
 
 
 def test_up_to_date_build_is_a_no_op(tiny_demo):

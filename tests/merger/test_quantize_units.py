@@ -69,6 +69,8 @@ def test_parse_eval_items_requires_prompt_and_expected():
     assert parse_eval_items(['{"prompt": "a", "expected": "b", "extra": 1}']) == [{"prompt": "a", "expected": "b"}]
     with pytest.raises(CalibrationFormatError, match=":1:"):
         parse_eval_items(['{"prompt": "a"}'])
+    with pytest.raises(CalibrationFormatError, match=r"^eval.jsonl:3: not JSON"):  # blank lines count
+        parse_eval_items(['{"prompt": "a", "expected": "b"}', "", "nope"], "eval.jsonl")
 
 
 def test_builtin_corpora_parse_and_do_not_overlap():
