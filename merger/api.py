@@ -8,6 +8,7 @@ full, Ctrl-C) leaves `out` as it was.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import time
@@ -17,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+from merger.core import fast
 from merger.core.combine import METHODS
 from merger.core.plan import PlanOptions, build_plan, step_tensors
 from merger.errors import InputError, OutputError
@@ -92,31 +94,36 @@ def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeO
 
 def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeOptions,
            progress: Optional[Callable[[str, int, int], None]], early: Optional[EarlyBase]) -> MergeResult:
-    import torch
-
     start, t0 = datetime.now(timezone.utc), time.perf_counter()
     _return_freed_memory()
     if not adapters:
         raise InputError("no adapter given", "pass at least one PEFT adapter folder")
     options.check(len(adapters))
-    if options.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda but torch sees no CUDA GPU", "use --device cpu")
+    if options.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda but torch sees no CUDA GPU", "use --device cpu")
     ckpt = Checkpoint.open(base)
-    loaded = [load_adapter(Path(a), options.allow_pickle) for a in adapters]
-    names = [l.parsed.name for l in loaded]
-    if len(set(names)) != len(names):  # names key the plan's steps and the provenance
-        loaded = [replace(l, parsed=replace(l.parsed, name=f"{i}-{l.parsed.name}")) for i, l in enumerate(loaded)]
+    config_path = base / "config.json"
+    base_config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    kernel = _torch_free_kernel(options, len(adapters))
+    loaded = plan = None
+    if kernel is not None:  # the common case, without torch (merger/core/fast.py), if the plan allows
+        loaded = _load_adapters(adapters, options, "numpy")
+        plan = _plan(ckpt, base_config, loaded, options) if loaded is not None else None
+        if plan is not None and not all(fast.eligible(t) for t in plan.tasks):
+            kernel = loaded = plan = None
+    if plan is None:
+        kernel = None
+        loaded = _load_adapters(adapters, options, "torch")
+        plan = _plan(ckpt, base_config, loaded, options)
     if out is None:
         label = options.dtype if options.dtype != "auto" else "auto"
         out = base.parent / default_out_name(base, loaded[0].parsed.name, loaded[0].sha256, label)
     out = Path(out)
     if out.exists() and not options.force:
         raise OutputError(f"output folder {out} already exists", "pass --force to replace it, or choose another --out")
-    config_path = base / "config.json"
-    base_config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    plan = build_plan(ckpt.tensors, base_config, [l.parsed for l in loaded],
-                      PlanOptions(options.dtype, options.combine, options.weights, options.density,
-                                  options.seed, options.qlora_base))
     shards = plan_shards([OutTensor(t.name, t.out_dtype, t.shape) for t in plan.tasks], parse_size(options.shard_size))
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +146,12 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
 
         from merger.executor import execute
 
-        compute = torch.float64 if options.precise else torch.float32
+        if kernel is None:
+            import torch
+
+            compute = torch.float64 if options.precise else torch.float32
+        else:
+            compute = None  # the torch-free path
         mapped = [l.pages for l in loaded if l.pages is not None]
 
         def release(task):  # the adapter pages a written tensor read: a module's worth at a time
@@ -147,9 +159,9 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
             for pages in mapped:
                 pages.release(tensors)
 
-        kernel, kernel_note = _kernel_state(plan, options)
+        kernel_state, kernel_note = _kernel_state(plan, options)
         result = execute(ckpt, plan, writer, compute=compute, device=options.device, workers=options.workers,
-                         on_tensor=on_tensor, release=release)
+                         on_tensor=on_tensor, release=release, kernel=kernel)
         base_hashes = early.result()  # the cached ones, plus those hashed during this merge
         if early.hashing:
             provenance.remember_hashes({p: base_hashes[p.name] for p in early.paths if p.name not in cached})
@@ -174,7 +186,8 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
             "rounding": rounding,
             "notes": list(plan.notes),
             "validation": None,
-            "resources": {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak, "native_kernel": kernel},
+            "resources": {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak, "native_kernel": kernel_state,
+                          "torch": "not used (torch-free path, merger/core/fast.py)" if kernel is not None else "used"},
         }
         (tmp / "switchyard.json").write_text(json.dumps(prov, indent=2))
         (tmp / "README.md").write_text(provenance.model_card(prov))
@@ -187,6 +200,34 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
             early.stop()
     return MergeResult(out, prov, rounding, len(result.stats), result.bytes_written,
                        time.perf_counter() - t0, peak, plan.notes + ((kernel_note,) if kernel_note else ()))
+
+
+def _torch_free_kernel(options: MergeOptions, n_adapters: int):
+    """merger/native's kernel when the torch-free path may apply (it still needs an eligible plan),
+    else None. SWITCHYARD_TORCH_FREE=0 turns the path off."""
+    if os.environ.get("SWITCHYARD_TORCH_FREE", "1") == "0" or n_adapters != 1 or options.device != "cpu" \
+            or options.precise or options.qlora_base != "original":
+        return None
+    from merger import native
+
+    return native.merge_bf16() if native.enabled() else None
+
+
+def _load_adapters(adapters: list, options: MergeOptions, arrays: str):
+    """The adapters as torch tensors, or numpy arrays (None if one cannot be viewed so)."""
+    loaded = [load_adapter(Path(a), options.allow_pickle, arrays) for a in adapters]
+    if any(l is None for l in loaded):
+        return None
+    names = [l.parsed.name for l in loaded]
+    if len(set(names)) != len(names):  # names key the plan's steps and the provenance
+        loaded = [replace(l, parsed=replace(l.parsed, name=f"{i}-{l.parsed.name}")) for i, l in enumerate(loaded)]
+    return loaded
+
+
+def _plan(ckpt: Checkpoint, base_config: dict, loaded: list, options: MergeOptions):
+    return build_plan(ckpt.tensors, base_config, [l.parsed for l in loaded],
+                      PlanOptions(options.dtype, options.combine, options.weights, options.density,
+                                  options.seed, options.qlora_base))
 
 
 def _kernel_state(plan, options: MergeOptions) -> tuple[str, Optional[str]]:

@@ -29,7 +29,8 @@ def merge_command(
     """Merge LoRA adapter(s) into a base checkpoint, exactly, streaming tensor by tensor."""
     from merger.io.early import EarlyBase
 
-    # before `import torch` (~1 s with a core to spare): a first merge of this base hashes it meanwhile
+    # first, so a first merge of this base hashes it on the second core while the rest starts (and
+    # imports torch, ~1 s, unless the merge takes the torch-free path of merger/core/fast.py)
     early = EarlyBase.start(base)
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn

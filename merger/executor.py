@@ -19,52 +19,42 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from merger.core import fast
 from merger.core.plan import MergePlan, TensorTask
 from merger.errors import NonFiniteError
-from merger.io.checkpoint import DTYPE_SIZES, Checkpoint, ShardReader, TensorInfo
+from merger.io.checkpoint import DTYPE_SIZES, Checkpoint, ShardReader, TensorInfo, has_nonfinite
 from merger.io.writer import StreamingShardWriter
 
 
-# exponent bits of each float format: all ones means Inf or NaN
-_EXPONENT = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7F800000),
-             "F64": ("<u8", 0x7FF0000000000000)}
-
-
 SLICE_BYTES = 64 << 20  # passthrough tensors stream from the map in slices this size
-
-
-def has_nonfinite(data, dtype: str) -> bool:
-    """NaN/Inf anywhere in raw little-endian float bytes (integers never are)."""
-    import numpy as np
-
-    if dtype not in _EXPONENT or not memoryview(data).nbytes:
-        return False
-    kind, mask = _EXPONENT[dtype]
-    bits = np.frombuffer(data, dtype=kind)
-    m = np.array(mask, dtype=kind)
-    step = 1 << 20  # in slices, so the temporaries stay small whatever the tensor's size
-    return any(bool(np.any((bits[i:i + step] & m) == m)) for i in range(0, bits.size, step))
 
 
 class _BufferPool:
     """Output buffers handed back after their tensor is written, so merged tensors reuse memory
     that is already mapped (at most `depth` buffers exist)."""
 
-    def __init__(self) -> None:
+    def __init__(self, arrays: str = "torch") -> None:
         self._free: list = []
         self._lock = threading.Lock()
+        self._arrays = arrays
 
     def take(self, nbytes: int):
-        import torch
-
+        """A uint8 torch tensor (or numpy array) of at least `nbytes`."""
         with self._lock:
             for i, b in enumerate(self._free):
-                if b.numel() >= nbytes:
+                if b.nbytes >= nbytes:
                     return self._free.pop(i)
             if self._free:
                 self._free.pop(0)  # too small: let it go, allocate a larger one
         # an anonymous map is page-aligned, so the writer can hand it to O_DIRECT without a copy
-        return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
+        m = mmap.mmap(-1, max(nbytes, 1))
+        if self._arrays == "numpy":
+            import numpy as np
+
+            return np.frombuffer(m, dtype=np.uint8)
+        import torch
+
+        return torch.frombuffer(m, dtype=torch.uint8)
 
     def give(self, buf) -> None:
         with self._lock:
@@ -78,24 +68,42 @@ class ExecutionResult:
     bytes_written: int
 
 
-def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, compute, device: str = "cpu",
+def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, compute=None, device: str = "cpu",
             workers: int = 2, depth: int = 2,
             on_tensor: Callable[[TensorTask, int], None] = lambda task, nbytes: None,
-            release: Callable[[TensorTask], None] = lambda task: None) -> ExecutionResult:
-    """`release(task)` runs once the task's output is written: it lets the adapter memory it read go."""
-    import torch
-
-    from merger.core.apply import ST_TO_TORCH, run_task
-
+            release: Callable[[TensorTask], None] = lambda task: None, kernel=None) -> ExecutionResult:
+    """`release(task)` runs once the task's output is written: it lets the adapter memory it read go.
+    `compute`: the torch dtype of the math; None with `kernel` (merger/native's): the torch-free path,
+    for plans whose every task `merger.core.fast.eligible` accepts."""
     readers = {s.path: ShardReader(s.path) for s in ckpt.shards}
     stats = []
     written = 0
-    buffers = _BufferPool()
+    buffers = _BufferPool("numpy" if compute is None else "torch")
 
     def work(task: TensorTask):
         info = ckpt.tensors[task.source]
         if task.passthrough and task.src_dtype == task.out_dtype:
             return None, None, None  # streamed straight from the map, slice by slice, by the writing loop
+        if compute is None:
+            return work_numpy(task, info)
+        return work_torch(task, info)
+
+    def work_numpy(task: TensorTask, info: TensorInfo):
+        import numpy as np
+
+        from merger.core import fast
+
+        base = np.frombuffer(readers[info.shard].view(info), dtype=np.uint16).reshape(task.shape)
+        buf = buffers.take(info.nbytes)
+        st = fast.plain_lora(task, base, buf[:info.nbytes].view(np.uint16).reshape(task.shape), kernel)
+        readers[info.shard].release(info.begin, info.end)  # now, not after the write
+        return buf[:info.nbytes], st, buf
+
+    def work_torch(task: TensorTask, info: TensorInfo):
+        import torch
+
+        from merger.core.apply import ST_TO_TORCH, run_task
+
         view = readers[info.shard].view(info)
         if task.passthrough and has_nonfinite(view, task.src_dtype):
             raise NonFiniteError(f"base tensor {task.source} has NaN/Inf values",
@@ -126,11 +134,23 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
             yield part
             reader.release(info.begin + off, info.begin + off + len(part))
 
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        # the workers are the parallelism: intra-op threads on ~2 MiB chunks only add wake-ups and
-        # contend with the writer and the hash threads (one thread each: -12% wall on 2 cores)
-        torch.set_num_threads(1)
+    limits = None
+    if compute is None:
+        if kernel is None or not all(fast.eligible(t) for t in plan.tasks):
+            raise AssertionError("the torch-free path needs the native kernel and eligible tasks only")
+        from threadpoolctl import threadpool_limits
+
+        # numpy's BLAS on one thread, for the same reason as torch's below (default threads: 2x slower)
+        limits = threadpool_limits(limits=1, user_api="blas")
+        threads = None
+    else:
+        import torch
+
+        threads = torch.get_num_threads()
+        if device == "cpu":
+            # the workers are the parallelism: intra-op threads on ~2 MiB chunks only add wake-ups and
+            # contend with the writer and the hash threads (one thread each: -12% wall on 2 cores)
+            torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
             pending: deque = deque()
@@ -163,7 +183,10 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
         writer.abort()
         raise
     finally:
-        torch.set_num_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if limits is not None:
+            limits.restore_original_limits()
         for r in readers.values():
             r.close()
     return ExecutionResult(tuple(stats), dict(writer.sha256), written)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -18,30 +17,12 @@ from merger.core.combine import combine
 from merger.core.lora import apply_token_rows, dora_factor, lora_bias_delta, lora_delta
 from merger.core.nf4 import nf4_roundtrip
 from merger.core.plan import AddLora, AddLoraBias, Combine, Replace, SetRows, TensorTask
+from merger.core.stats import TensorStats
 from merger.errors import NonFiniteError
 
 ST_TO_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                "BOOL": torch.bool}
-
-
-@dataclass(frozen=True)
-class TensorStats:
-    """Rounding loss of one merged tensor.
-
-    vanished: delta entries (nonzero in the compute dtype) that the output dtype rounds away, i.e.
-      the output equals the rounded base there. rel_error: ||round(W+dW) - (W+dW)|| / ||W+dW||.
-    delta_rel_error: ||(round(W+dW) - round(W)) - dW|| / ||dW||, how much of the delta survives.
-    nf4_ratio: ||W - dequant(quant(W))|| / ||dW|| with --qlora-base nf4.
-    """
-
-    name: str
-    numel: int
-    delta_nonzero: int
-    vanished: int
-    rel_error: float
-    delta_rel_error: float
-    nf4_ratio: Optional[float] = None
 
 
 def run_task(task: TensorTask, base: torch.Tensor, compute: torch.dtype = torch.float32,

@@ -22,13 +22,17 @@ reproducible whatever the order or threading in which tensors are processed.
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: `switchyard merge` checks --combine before it needs torch
+    import torch
 
 METHODS = ("sequential", "linear", "ties", "dare_linear", "dare_ties")
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    import torch
+
     k = int(density * delta.numel())
     if k <= 0:
         return torch.zeros_like(delta)
@@ -41,6 +45,8 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    import torch
+
     if density <= 0:
         return torch.zeros_like(delta)
     keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
@@ -48,10 +54,14 @@ def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator)
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
+    import torch
+
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
 
 
 def elect_and_merge(trimmed: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    import torch
+
     stacked = torch.stack(trimmed)  # (n, *shape)
     elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
     agree = stacked.sign() == elected

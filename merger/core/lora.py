@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from merger.core.adapter_config import AdapterConfig
 from merger.errors import UnsupportedAdapterError
+
+if TYPE_CHECKING:  # the factors are torch tensors, or numpy arrays on the torch-free path (merger/core/fast.py)
+    import torch
 
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
@@ -68,7 +69,7 @@ class ParsedAdapter:
     def nbytes(self) -> int:
         ts = [t for m in self.modules.values() for t in (m.A, m.B, m.bias, m.magnitude) if t is not None]
         ts += list(self.replacements.values()) + [r.values for r in self.token_rows.values()]
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.nbytes for t in ts)
 
 
 def parse_adapter(name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> ParsedAdapter:
@@ -107,7 +108,7 @@ def parse_adapter(name: str, config: AdapterConfig, tensors: dict[str, torch.Ten
             raise UnsupportedAdapterError(f"adapter {name}: module {mod} has only one of {a_key}/{b_key}",
                                           "the adapter file is incomplete; re-save it")
         A, B = p[a_key], p[b_key]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        if len(A.shape) != 2 or len(B.shape) != 2 or A.shape[0] != B.shape[1]:
             raise UnsupportedAdapterError(
                 f"adapter {name}: {mod} has LoRA factors of shapes {tuple(A.shape)} and {tuple(B.shape)}, "
                 "which are not a 2-D low-rank pair (conv LoRA is not supported)", "serve it as an adapter")
@@ -142,6 +143,8 @@ def dora_factor(mod: LoraModule, w0: torch.Tensor, delta: torch.Tensor) -> torch
     `w0` is the unmerged base weight and `delta` the scaled dW, both in storage orientation and
     the compute dtype.
     """
+    import torch
+
     mag = mod.magnitude.to(device=w0.device, dtype=w0.dtype)
     if mod.kind == "embedding":  # per embedding dimension: columns of (num, dim)
         return (mag / torch.linalg.norm(w0 + delta, dim=0)).view(1, -1)
@@ -155,5 +158,7 @@ def lora_bias_delta(mod: LoraModule, dtype: torch.dtype, device: str = "cpu") ->
 
 
 def apply_token_rows(w: torch.Tensor, rows: TokenRows) -> torch.Tensor:
+    import torch
+
     index = torch.tensor(rows.indices, device=w.device)
     return w.index_copy(0, index, rows.values.to(device=w.device, dtype=w.dtype))

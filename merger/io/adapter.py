@@ -20,7 +20,7 @@ from typing import Optional
 from merger.core.adapter_config import parse_adapter_config
 from merger.core.lora import ParsedAdapter, parse_adapter
 from merger.errors import InputError, NonFiniteError
-from merger.io.checkpoint import DTYPE_SIZES, drop_pages, read_shard_header
+from merger.io.checkpoint import DTYPE_SIZES, drop_pages, has_nonfinite, read_shard_header
 
 
 class AdapterPages:
@@ -39,12 +39,25 @@ class AdapterPages:
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self.size = len(self._map)
 
-    def tensors(self, header) -> dict:
+    def raw(self, info) -> memoryview:
+        return self._view[info.begin:info.end]
+
+    def tensors(self, header, arrays: str = "torch") -> dict:
+        """The header's tensors as views of the map: torch tensors, or numpy arrays (merger/core/fast.py)."""
+        out = {}
+        if arrays == "numpy":
+            import numpy as np
+
+            from merger.core.fast import ST_TO_NUMPY
+
+            for info in header.tensors:
+                out[info.name] = np.frombuffer(self._view[info.begin:info.end],
+                                               dtype=ST_TO_NUMPY[info.dtype]).reshape(info.shape)
+            return out
         import torch
 
         from merger.core.apply import ST_TO_TORCH
 
-        out = {}
         for info in header.tensors:
             t = torch.frombuffer(self._view[info.begin:info.end], dtype=ST_TO_TORCH[info.dtype]) \
                 if info.nbytes else torch.empty(0, dtype=ST_TO_TORCH[info.dtype])
@@ -55,10 +68,10 @@ class AdapterPages:
         """Drop the pages of those `tensors` that view this map; returns the bytes dropped."""
         dropped = 0
         for t in tensors:
-            if t is None or not t.numel():
+            if t is None or not t.nbytes:
                 continue
-            begin = t.data_ptr() - self._base
-            end = begin + t.numel() * t.element_size()
+            begin = (t.data_ptr() if hasattr(t, "data_ptr") else t.ctypes.data) - self._base
+            end = begin + t.nbytes
             if 0 <= begin and end <= self.size:  # else not ours
                 dropped += drop_pages(self._map, begin, end)
         return dropped
@@ -67,12 +80,15 @@ class AdapterPages:
         drop_pages(self._map, 0, self.size)
 
 
-def _mappable(header) -> bool:
-    from merger.core.apply import ST_TO_TORCH
+def _mappable(header, arrays: str = "torch") -> bool:
+    if arrays == "numpy":
+        from merger.core.fast import ST_TO_NUMPY as known
+    else:
+        from merger.core.apply import ST_TO_TORCH as known
 
-    # views need dtypes torch has and offsets aligned to the element size (else: read a copy)
+    # views need dtypes the array library has and offsets aligned to the element size (else: read a copy)
     return hasattr(mmap.mmap, "madvise") and all(
-        i.dtype in ST_TO_TORCH and i.begin % DTYPE_SIZES[i.dtype] == 0 for i in header.tensors)
+        i.dtype in known and i.begin % DTYPE_SIZES[i.dtype] == 0 for i in header.tensors)
 
 
 @dataclass(frozen=True)
@@ -93,11 +109,9 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
-def load_adapter(path: Path, allow_pickle: bool = False) -> LoadedAdapter:
-    import torch
-
-    from merger.core.apply import all_finite
-
+def load_adapter(path: Path, allow_pickle: bool = False, arrays: str = "torch") -> Optional[LoadedAdapter]:
+    """`arrays`: "torch", or "numpy" for the torch-free merge (merger/core/fast.py), which returns None
+    where numpy cannot view the weights (a pickle, a dtype numpy lacks): load it with torch then."""
     path = Path(path)
     cfg_file = path / "adapter_config.json"
     if not cfg_file.exists():
@@ -109,6 +123,24 @@ def load_adapter(path: Path, allow_pickle: bool = False) -> LoadedAdapter:
     config = parse_adapter_config(raw, str(path))
     st_file, bin_file = path / "adapter_model.safetensors", path / "adapter_model.bin"
     pages = None
+    if arrays == "numpy":
+        if not st_file.exists():
+            return None
+        header = read_shard_header(st_file)  # refuses truncated files with a clear message
+        if not _mappable(header, "numpy"):
+            return None
+        pages = AdapterPages(st_file)
+        for info in header.tensors:
+            if has_nonfinite(pages.raw(info), info.dtype):
+                raise NonFiniteError(f"adapter {path.name}: tensor {info.name} has NaN/Inf values",
+                                     "the adapter is broken (check its training run); nothing was written")
+        pages.release_all()  # the check read every page; the merge reads them again module by module
+        parsed = parse_adapter(path.name, config, pages.tensors(header, "numpy"))
+        return LoadedAdapter(path, st_file, sha256_file(st_file), raw, parsed, pages)
+    import torch
+
+    from merger.core.apply import all_finite
+
     if st_file.exists():
         header = read_shard_header(st_file)  # refuses truncated files with a clear message
         if _mappable(header):

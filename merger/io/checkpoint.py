@@ -187,3 +187,21 @@ def drop_pages(m: mmap.mmap, begin: int, end: int) -> int:
 
 def file_size(path: Path) -> int:
     return os.stat(path).st_size
+
+
+# exponent bits of each float format: all ones means Inf or NaN
+_EXPONENT = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7F800000),
+             "F64": ("<u8", 0x7FF0000000000000)}
+
+
+def has_nonfinite(data, dtype: str) -> bool:
+    """NaN/Inf anywhere in raw little-endian float bytes (integers never are)."""
+    import numpy as np
+
+    if dtype not in _EXPONENT or not memoryview(data).nbytes:
+        return False
+    kind, mask = _EXPONENT[dtype]
+    bits = np.frombuffer(data, dtype=kind)
+    m = np.array(mask, dtype=kind)
+    step = 1 << 20  # in slices, so the temporaries stay small whatever the tensor's size
+    return any(bool(np.any((bits[i:i + step] & m) == m)) for i in range(0, bits.size, step))
