@@ -236,8 +236,8 @@ Command: `.venv/bin/python {command}` ({os.cpu_count()} CPU cores, {report.get('
 {rows}
 
 {speedup}Delta entries rounded away in bf16: {report['vanished_share']:.2%}. CPU seconds are the steadier
-comparison on a shared machine. The switchyard and PEFT rows include interpreter start-up and `import torch`
-(about 2 s of CPU).
+comparison on a shared machine. Every row includes interpreter start-up; PEFT's also `import torch` (about 2 s
+of CPU), switchyard's only where its torch-free path does not apply (`resources.torch` in switchyard.json).
 """
     section_re = re.compile(r"(## Merge\n)(.*?)(?=\n## |\Z)", re.S)
     m = section_re.search(text)

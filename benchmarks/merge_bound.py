@@ -1,4 +1,5 @@
-"""A bound, not a product: the common-case merge with no torch in the process.
+"""A bound, not a product: the common-case merge with no torch in the process (the product now has
+that path too, merger/core/fast.py; this stays as the measure of what the product adds to it).
 
 What would a `switchyard merge` without `import torch` on its common path (one LoRA on bf16 linear
 layers, CPU) gain? This script does that case alone: adapter factors read with numpy, each ~2 MiB
