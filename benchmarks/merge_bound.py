@@ -39,22 +39,18 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from merger import native  # noqa: E402
 from merger.core.adapter_config import parse_adapter_config  # noqa: E402
-from merger.io.checkpoint import Checkpoint, ShardReader, read_shard_header  # noqa: E402
+from merger.core.fast import CHUNK_ELEMENTS, ST_TO_NUMPY, to_float32  # noqa: E402
+from merger.io.checkpoint import Checkpoint, ShardReader, has_nonfinite, read_shard_header  # noqa: E402
 from merger.io.writer import OutTensor, StreamingShardWriter, index_json, plan_shards  # noqa: E402
 
-CHUNK_ELEMENTS = 1 << 19  # as merger/core/apply.py
 SLICE_BYTES = 64 << 20  # as merger/executor.py
 PREFIX = "base_model.model."
 
 
 def as_float32(raw: memoryview, dtype: str, shape) -> np.ndarray:
-    if dtype == "F32":
-        return np.frombuffer(raw, dtype=np.float32).reshape(shape)
-    if dtype == "BF16":  # numpy has no bfloat16: its bits are the top half of a float32
-        return (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    if dtype == "F16":
-        return np.frombuffer(raw, dtype=np.float16).astype(np.float32).reshape(shape)
-    raise SystemExit(f"adapter dtype {dtype}: not in this bound")
+    if dtype not in ST_TO_NUMPY:
+        raise SystemExit(f"adapter dtype {dtype}: not in this bound")
+    return to_float32(np.frombuffer(raw, dtype=ST_TO_NUMPY[dtype]).reshape(shape))
 
 
 def load_factors(adapter: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -83,11 +79,6 @@ def load_factors(adapter: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             raise SystemExit(f"{mod}: NaN/Inf in the adapter")
         out[f"{mod}.weight"] = (np.ascontiguousarray(b * np.float32(config.scaling(mod))), np.ascontiguousarray(a))
     return out
-
-
-def nonfinite_bf16(data) -> bool:
-    bits = np.frombuffer(data, dtype=np.uint16)
-    return any(bool(np.any((bits[i:i + (1 << 20)] & 0x7F80) == 0x7F80)) for i in range(0, bits.size, 1 << 20))
 
 
 def merge(base: Path, adapter: Path, out: Path) -> dict[str, str]:
@@ -152,7 +143,7 @@ def merge(base: Path, adapter: Path, out: Path) -> dict[str, str]:
                 def slices(view=view, info=info, reader=reader):
                     for off in range(0, max(1, info.nbytes), SLICE_BYTES):
                         part = view[off:off + SLICE_BYTES]
-                        if nonfinite_bf16(part):
+                        if has_nonfinite(part, "BF16"):
                             raise SystemExit(f"{info.name}: NaN/Inf in the base")
                         yield part
                         reader.release(info.begin + off, info.begin + off + len(part))

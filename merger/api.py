@@ -113,8 +113,8 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
         loaded = _load_adapters(adapters, options, "numpy")
         plan = _plan(ckpt, base_config, loaded, options) if loaded is not None else None
         if plan is not None and not all(fast.eligible(t) for t in plan.tasks):
-            kernel = loaded = plan = None
-    if plan is None:
+            plan = None
+    if plan is None:  # the torch path
         kernel = None
         loaded = _load_adapters(adapters, options, "torch")
         plan = _plan(ckpt, base_config, loaded, options)

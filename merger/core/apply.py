@@ -17,7 +17,8 @@ from merger.core.combine import combine
 from merger.core.lora import apply_token_rows, dora_factor, lora_bias_delta, lora_delta
 from merger.core.nf4 import nf4_roundtrip
 from merger.core.plan import AddLora, AddLoraBias, Combine, Replace, SetRows, TensorTask
-from merger.core.stats import TensorStats
+from merger.core.fast import CHUNK_ELEMENTS
+from merger.core.stats import TensorStats, plain_lora_stats
 from merger.errors import NonFiniteError
 
 ST_TO_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
@@ -88,7 +89,6 @@ def _is_plain_lora(task: TensorTask) -> bool:
             and not task.nf4)
 
 
-CHUNK_ELEMENTS = 1 << 19  # ~2 MiB of float32 per chunk: stays in cache between the passes
 _scratch = threading.local()
 
 
@@ -127,18 +127,14 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
     kernel = _native_kernel(base, compute, out_dtype)
     if kernel is not None:
         w2, err2, same = _native_chunks(kernel, task, base, left, right, out, work, rows)
-        realised2 = err2
+        realised2 = err2  # the kernel runs only for bfloat16 in and out
     else:
         w2, err2, same, realised2 = _torch_chunks(task, base, left, right, out, work, diff, rows, compute)
-    numel = base.numel()
     nonzero = int((Bs != 0).any(dim=1).sum()) * int((A != 0).any(dim=0).sum())
-    vanished = max(0, same - (numel - nonzero))
     dnorm = float(torch.sqrt(torch.clamp(torch.trace((Bs.T @ Bs) @ (A @ A.T)), min=0)))
-    err, wnorm = math.sqrt(err2), math.sqrt(w2)
-    realised = err if task.src_dtype == task.out_dtype else math.sqrt(realised2)
-    stats = TensorStats(task.name, numel, nonzero, vanished, err / wnorm if wnorm else 0.0,
-                        realised / dnorm if dnorm else 0.0)
-    return out.cpu(), stats
+    if task.src_dtype == task.out_dtype:
+        realised2 = err2  # then round(W) == W, so (out - W) - dW == out - (W + dW)
+    return out.cpu(), plain_lora_stats(task.name, base.numel(), nonzero, same, w2, err2, realised2, dnorm)
 
 
 def _torch_chunks(task: TensorTask, base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor,

@@ -16,10 +16,10 @@ import math
 import numpy as np
 
 from merger.core.plan import AddLora, TensorTask
-from merger.core.stats import TensorStats
+from merger.core.stats import TensorStats, plain_lora_stats
 from merger.errors import NonFiniteError
 
-CHUNK_ELEMENTS = 1 << 19  # as merger/core/apply.py: ~2 MiB of float32, in cache between GEMM and kernel
+CHUNK_ELEMENTS = 1 << 19  # ~2 MiB of float32 per chunk: in cache between the passes (both paths use it)
 
 # adapter factors as numpy views of the file; numpy has no bfloat16, so bf16 factors are their bits,
 # marked in the dtype's metadata (kept through views, slices and reshapes)
@@ -67,10 +67,8 @@ def plain_lora(task: TensorTask, base: np.ndarray, out: np.ndarray, kernel) -> T
         if not math.isfinite(float(sums[0]) - before) and not bool(np.isfinite(d + to_float32(b.view(BF16))).all()):
             raise NonFiniteError(f"merged tensor {task.name} has NaN/Inf values",
                                  "the adapter or base is broken (check its training run); nothing was written")
-    numel = base.size
     nonzero = int((Bs != 0).any(axis=1).sum()) * int((A != 0).any(axis=0).sum())
-    vanished = max(0, int(same[0]) - (numel - nonzero))
     dnorm = math.sqrt(max(float(np.trace((Bs.T @ Bs) @ (A @ A.T))), 0.0))
-    err, wnorm = math.sqrt(float(sums[1])), math.sqrt(float(sums[0]))
-    return TensorStats(task.name, numel, nonzero, vanished, err / wnorm if wnorm else 0.0,
-                       err / dnorm if dnorm else 0.0)
+    # bfloat16 in and out: the realised delta's error is the rounding error
+    return plain_lora_stats(task.name, base.size, nonzero, int(same[0]), float(sums[0]), float(sums[1]),
+                            float(sums[1]), dnorm)

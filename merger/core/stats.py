@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,3 +24,15 @@ class TensorStats:
     rel_error: float
     delta_rel_error: float
     nf4_ratio: Optional[float] = None
+
+
+def plain_lora_stats(name: str, numel: int, nonzero: int, same: int, w2: float, err2: float, realised2: float,
+                     dnorm: float) -> TensorStats:
+    """A single-LoRA tensor's stats from its chunk loop's totals: `same` outputs equal to the rounded
+    base, sums of squares of W+dW (`w2`), of the rounding error (`err2`) and of realised-minus-intended
+    delta (`realised2`), and ||dW|| (`dnorm`). Entries with a zero delta always round like the base,
+    so they are all among the equal ones."""
+    vanished = max(0, same - (numel - nonzero))
+    wnorm, err, realised = math.sqrt(w2), math.sqrt(err2), math.sqrt(realised2)
+    return TensorStats(name, numel, nonzero, vanished, err / wnorm if wnorm else 0.0,
+                       realised / dnorm if dnorm else 0.0)

@@ -51,8 +51,7 @@ class AdapterPages:
             from merger.core.fast import ST_TO_NUMPY
 
             for info in header.tensors:
-                out[info.name] = np.frombuffer(self._view[info.begin:info.end],
-                                               dtype=ST_TO_NUMPY[info.dtype]).reshape(info.shape)
+                out[info.name] = np.frombuffer(self.raw(info), dtype=ST_TO_NUMPY[info.dtype]).reshape(info.shape)
             return out
         import torch
 
@@ -101,6 +100,11 @@ class LoadedAdapter:
     pages: Optional[AdapterPages] = None  # the memory map the tensors view (None: held in memory)
 
 
+def _nonfinite(path: Path, key: str) -> NonFiniteError:
+    return NonFiniteError(f"adapter {path.name}: tensor {key} has NaN/Inf values",
+                          "the adapter is broken (check its training run); nothing was written")
+
+
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -132,8 +136,7 @@ def load_adapter(path: Path, allow_pickle: bool = False, arrays: str = "torch") 
         pages = AdapterPages(st_file)
         for info in header.tensors:
             if has_nonfinite(pages.raw(info), info.dtype):
-                raise NonFiniteError(f"adapter {path.name}: tensor {info.name} has NaN/Inf values",
-                                     "the adapter is broken (check its training run); nothing was written")
+                raise _nonfinite(path, info.name)
         pages.release_all()  # the check read every page; the merge reads them again module by module
         parsed = parse_adapter(path.name, config, pages.tensors(header, "numpy"))
         return LoadedAdapter(path, st_file, sha256_file(st_file), raw, parsed, pages)
@@ -169,8 +172,7 @@ def load_adapter(path: Path, allow_pickle: bool = False, arrays: str = "torch") 
         raise InputError(f"{path} has no adapter_model.safetensors", "pass a PEFT adapter folder")
     for key, t in tensors.items():
         if t.is_floating_point() and not all_finite(t):
-            raise NonFiniteError(f"adapter {path.name}: tensor {key} has NaN/Inf values",
-                                 "the adapter is broken (check its training run); nothing was written")
+            raise _nonfinite(path, key)
     if pages is not None:
         pages.release_all()  # the check read every page; the merge reads them again module by module
     parsed = parse_adapter(path.name, config, tensors)

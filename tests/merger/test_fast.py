@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from merger import native
 from merger.api import MergeOptions, merge
 from merger.core import apply, fast
 from merger.core.lora import LoraModule
@@ -22,14 +21,6 @@ from merger.errors import NonFiniteError
 from tests.merger.common import make_adapter, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def kernel():
-    fn = native.merge_bf16()
-    if fn is None:
-        pytest.skip(f"no native kernel here: {native.last_error}")
-    return fn
 
 
 def _bf16_factors(adapter: Path) -> Path:

@@ -16,14 +16,6 @@ from merger.core.plan import AddLora, TensorTask
 from merger.errors import NonFiniteError
 
 
-@pytest.fixture
-def kernel():
-    fn = native.merge_bf16()
-    if fn is None:
-        pytest.skip(f"no native kernel here: {native.last_error}")
-    return fn
-
-
 def _call(fn, base: torch.Tensor, delta: torch.Tensor):
     out = torch.empty_like(base)
     sums, same = np.zeros(2), np.zeros(1, dtype=np.int64)
