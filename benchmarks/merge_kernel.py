@@ -1,4 +1,4 @@
-"""One-thread timings behind the merge kernel's design (docs/benchmarks.md, Merge, ninth session).
+"""One-thread timings behind the merge kernel's design (docs/benchmarks.md, Merge, ninth to eleventh sessions).
 
 1. The single-LoRA chunk loop per 1.1 G elements: torch's six passes one by one, and the rank-16 GEMM
    plus merger/native's fused pass (2^19-element chunk, in cache, timed in a loop).
@@ -7,6 +7,8 @@
    by its hash against each chunk hashed right after the kernel wrote it, by chunk size.
 4. Each chunk hashed by a second thread right behind the one that wrote it (at most 4 chunks behind),
    against the same thread: the hash's rate on bytes another core just wrote.
+5. The kernel that builds the delta from the LoRA factors itself (`merge_lora_bf16`, eleventh session)
+   against the GEMM + kernel it replaced, on that tensor and per 1.1 G elements, and their outputs compared.
 
     .venv/bin/python benchmarks/merge_kernel.py
 """
@@ -143,6 +145,25 @@ def main() -> None:
         fn()
         wall, busy = fn()
         print(f"   {name:13s}: {wall * 1e3:.0f} ms, hashing {busy * 1e3:.0f} ms = {nbytes / busy / 1e9:.2f} GB/s")
+
+    print(f"5. a {R0} x {cols} tensor, rank 16, 2^19-element chunks: GEMM + kernel against merge_lora_bf16")
+    lora = native.merge_lora_bf16()
+    Ln, Rn = Lw.numpy(), R.contiguous().numpy()
+    row = np.empty(4 * cols, dtype=np.float32)
+    b16, fused_out = base.view(torch.int16).numpy(), torch.empty_like(out)
+    o16 = fused_out.view(torch.int16).numpy()
+
+    def merge_fused():
+        for s in range(0, R0, chunk_rows):
+            n = min(chunk_rows, R0 - s)
+            lora(b16[s:].ctypes.data, Ln[s:].ctypes.data, Rn.ctypes.data, 16, n, cols, row.ctypes.data,
+                 o16[s:].ctypes.data, sums.ctypes.data, same.ctypes.data)
+    gemm_ms = per_call(lambda: merge_tensor(1 << 19), 20) * 1e3
+    fused_ms = per_call(merge_fused, 20) * 1e3
+    per = PER / (R0 * cols)
+    print(f"   GEMM + kernel {gemm_ms:.1f} ms ({gemm_ms * per / 1e3:.2f} s per 1.1 G), "
+          f"merge_lora_bf16 {fused_ms:.1f} ms ({fused_ms * per / 1e3:.2f} s per 1.1 G)")
+    print(f"   outputs bit-identical: {torch.equal(out.view(torch.int16), fused_out.view(torch.int16))}")
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def _torch_free_kernel(options: MergeOptions, n_adapters: int):
         return None
     from merger import native
 
-    return native.merge_bf16() if native.enabled() else None
+    return native.merge_lora_bf16() if native.enabled() else None
 
 
 def _load_adapters(adapters: list, options: MergeOptions, arrays: str):
@@ -241,7 +241,7 @@ def _kernel_state(plan, options: MergeOptions) -> tuple[str, Optional[str]]:
         return "not used (no bfloat16 tensor merged on CPU in float32)", None
     if not native.enabled():
         return "off (SWITCHYARD_NATIVE=0)", None
-    if native.merge_bf16() is None:
+    if native.merge_lora_bf16() is None:
         return f"unavailable: {native.last_error}", (
             f"the merge's C kernel could not be built ({native.last_error}); the torch loop ran instead: "
             "same output, about 25% slower (install a C compiler such as gcc, or set CC)")

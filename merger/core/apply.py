@@ -126,7 +126,7 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
     work, diff = _scratch_buffers(compute, base.device)
     kernel = _native_kernel(base, compute, out_dtype)
     if kernel is not None:
-        w2, err2, same = _native_chunks(kernel, task, base, left, right, out, work, rows)
+        w2, err2, same = _native_chunks(kernel, task, base, left, right, out, rows)
         realised2 = err2  # the kernel runs only for bfloat16 in and out
     else:
         w2, err2, same, realised2 = _torch_chunks(task, base, left, right, out, work, diff, rows, compute)
@@ -171,29 +171,27 @@ def _native_kernel(base: torch.Tensor, compute: torch.dtype, out_dtype: torch.dt
         return None
     from merger import native
 
-    return native.merge_bf16()
+    return native.merge_lora_bf16()
 
 
 def _native_chunks(kernel, task: TensorTask, base: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
-                   out: torch.Tensor, work: torch.Tensor, rows: int) -> tuple[float, float, int]:
-    """_plain_lora's loop with the fused kernel: per chunk one GEMM for the delta rows, then one pass
-    that adds, rounds, compares and measures. -> (sum of squares of W+dW, of rounding errors, equal
-    outputs). Bit-identical outputs to the torch loop (tests/merger/test_native.py)."""
-    sums = np.zeros(2, dtype=np.float64)
-    same = np.zeros(1, dtype=np.int64)
-    base = base.contiguous()
+                   out: torch.Tensor, rows: int) -> tuple[float, float, int]:
+    """_plain_lora's loop with the fused kernel (merger/core/fast.py's `chunk`, on torch's memory):
+    per chunk one pass that builds the delta rows from the factors in cache, adds, rounds, compares
+    and measures. -> (sum of squares of W+dW, of rounding errors, equal outputs). Bit-identical outputs
+    to the torch loop (tests/merger/test_native.py)."""
+    from merger.core import fast
+
+    L, R = left.contiguous().numpy(), right.contiguous().numpy()
+    b16 = base.contiguous().view(torch.int16).numpy().view(np.uint16)
+    o16 = out.view(torch.int16).numpy().view(np.uint16)
+    scratch = fast.scratch([task])
+    w2 = err2 = 0.0
+    same = 0
     for s in range(0, base.shape[0], rows):
-        b = base[s:s + rows]
-        d = work[: b.numel()].view(b.shape)
-        torch.mm(left[s:s + rows], right, out=d)
-        before = float(sums[0])
-        kernel(b.data_ptr(), d.data_ptr(), out[s:s + rows].data_ptr(), b.numel(), sums.ctypes.data,
-               same.ctypes.data)
-        # float sums overflow for |x| > 1.8e19: only then pay for the exact elementwise check
-        if not math.isfinite(float(sums[0]) - before) and not bool(torch.isfinite(d.add_(b)).all()):
-            raise NonFiniteError(f"merged tensor {task.name} has NaN/Inf values",
-                                 "the adapter or base is broken (check its training run); nothing was written")
-    return float(sums[0]), float(sums[1]), int(same[0])
+        a, b, c = fast.chunk(task, L, R, b16, o16, s, s + rows, scratch, kernel)
+        w2, err2, same = w2 + a, err2 + b, same + c
+    return w2, err2, same
 
 
 def _sumsq(t: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 SOURCE = Path(__file__).with_name("merge_bf16.c")
 FLAGS = ("-O3", "-fopenmp-simd", "-fPIC", "-shared")
+LIBS = ("-lm",)  # fmaf where the CPU has no FMA instruction
 # target_clones needs the loader's ifunc support (glibc); elsewhere build for the baseline ISA
 FALLBACK_FLAGS = FLAGS + ("-DSWITCHYARD_NO_CLONES",)
 
@@ -37,34 +38,54 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "switchyard" / "native"
 
 
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "merge_bf16": [_P, _P, _P, _I, _P, _P],
+    "merge_lora_bf16": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P],
+}
+
+
 def merge_bf16() -> Optional[Callable]:
     """`fn(base_ptr, delta_ptr, out_ptr, n, sums_ptr, same_ptr)` (see merge_bf16.c), or None."""
+    return _function("merge_bf16")
+
+
+def merge_lora_bf16() -> Optional[Callable]:
+    """`fn(base_ptr, L_ptr, R_ptr, rank, rows, cols, scratch_ptr, out_ptr, sums_ptr, same_ptr)`: merge_bf16
+    with the delta L @ R built in cache from its factors (see merge_bf16.c), or None."""
+    return _function("merge_lora_bf16")
+
+
+def _function(name: str) -> Optional[Callable]:
     if not enabled():
         return None
     with _lock:
-        if "merge_bf16" not in _loaded:
-            _loaded["merge_bf16"] = _load()
-        return _loaded["merge_bf16"]
+        if name not in _loaded:
+            if "" not in _loaded:
+                _loaded[""] = _load()
+            lib = _loaded[""]
+            fn = None
+            if lib is not None:
+                fn = getattr(lib, name)
+                fn.argtypes = _SIGNATURES[name]
+                fn.restype = None
+            _loaded[name] = fn  # ctypes drops the GIL for the call: both merge workers run it at once
+        return _loaded[name]
 
 
-def _load() -> Optional[Callable]:
+def _load() -> Optional[ctypes.CDLL]:
     global last_error
     try:
-        lib = ctypes.CDLL(str(_build()))
+        return ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         last_error = str(e)
         return None
-    fn = lib.merge_bf16
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_void_p]
-    fn.restype = None
-    return fn  # ctypes drops the GIL for the call: both merge workers run it at once
 
 
 def _build() -> Path:
     src = SOURCE.read_bytes()
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(src + repr((cc, FLAGS, platform.machine())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + repr((cc, FLAGS, LIBS, platform.machine())).encode()).hexdigest()[:16]
     out = cache_dir() / f"merge_bf16-{key}.so"
     if out.exists():
         return out
@@ -77,7 +98,7 @@ def _build() -> Path:
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
                 os.replace(tmp, out)
                 return out

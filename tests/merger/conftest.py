@@ -19,3 +19,9 @@ def kernel():
     if fn is None:
         pytest.skip(f"no native kernel here: {native.last_error}")
     return fn
+
+
+@pytest.fixture
+def lora_kernel(kernel):
+    """merger/native's kernel that builds the delta from the LoRA factors (same library as `kernel`)."""
+    return native.merge_lora_bf16()

@@ -121,11 +121,11 @@ def _task(shape, fif=False, kind="linear"):
 
 @pytest.mark.parametrize("chunk", [1 << 19, 7 * 40])  # one chunk; seven rows a chunk, the last one short
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
-def test_plain_lora_equals_the_torch_kernel_loop(monkeypatch, kernel, chunk, kind):
+def test_plain_lora_equals_the_torch_kernel_loop(monkeypatch, lora_kernel, chunk, kind):
     monkeypatch.setattr(fast, "CHUNK_ELEMENTS", chunk)
     task, base = _task((48, 40), fif=kind == "conv1d", kind="embedding" if kind == "embedding" else "linear")
     out = np.empty(base.shape, dtype=np.uint16)
-    st = fast.plain_lora(task, base.view(torch.int16).numpy().view(np.uint16), out, kernel)
+    st = fast.plain_lora(task, base.view(torch.int16).numpy().view(np.uint16), out, lora_kernel)
     mod = task.steps[0].module
     torch_task = TensorTask(task.name, task.source, "BF16", "BF16", task.shape, (AddLora(LoraModule(
         "m", mod.kind, torch.from_numpy(mod.A), torch.from_numpy(mod.B), mod.scaling, mod.fan_in_fan_out), "a"),))
@@ -142,11 +142,11 @@ def test_bf16_factors_are_read_exactly():
     assert np.array_equal(fast.to_float32(bits.view(fast.BF16).reshape(2, 2)), want.reshape(2, 2))
 
 
-def test_nan_in_a_merged_tensor_is_refused(kernel):
+def test_nan_in_a_merged_tensor_is_refused(lora_kernel):
     task, base = _task((48, 40))
     task.steps[0].module.A[2, 3] = np.nan
     with pytest.raises(NonFiniteError, match="m.weight has NaN/Inf"):
-        fast.plain_lora(task, base.view(torch.int16).numpy().view(np.uint16), np.empty((48, 40), np.uint16), kernel)
+        fast.plain_lora(task, base.view(torch.int16).numpy().view(np.uint16), np.empty((48, 40), np.uint16), lora_kernel)
 
 
 def test_nan_in_the_adapter_file_is_refused_before_anything_is_written(tmp_path, kernel):
