@@ -134,7 +134,8 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
         early = EarlyBase.start(base, ckpt)
     try:
         cached, commit = early.cached, early.commit
-        writer = StreamingShardWriter(tmp, shards)
+        ordered = _ordered_pass(kernel)
+        writer = StreamingShardWriter(tmp, shards, hashing=ordered is None)
         total = sum(ckpt.tensors[t.source].nbytes for t in plan.tasks)
         done = [0]
 
@@ -160,8 +161,14 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
                 pages.release(tensors)
 
         kernel_state, kernel_note = _kernel_state(plan, options)
-        result = execute(ckpt, plan, writer, compute=compute, device=options.device, workers=options.workers,
-                         on_tensor=on_tensor, release=release, kernel=kernel)
+        if ordered is not None:
+            from merger import ordered as ordered_pass
+
+            result = ordered_pass.execute(ckpt, plan, writer, kernel=kernel, in_turn=ordered[0], sha=ordered[1],
+                                          workers=options.workers, on_tensor=on_tensor, release=release)
+        else:
+            result = execute(ckpt, plan, writer, compute=compute, device=options.device, workers=options.workers,
+                             on_tensor=on_tensor, release=release, kernel=kernel)
         base_hashes = early.result()  # the cached ones, plus those hashed during this merge
         if early.hashing:
             provenance.remember_hashes({p: base_hashes[p.name] for p in early.paths if p.name not in cached})
@@ -187,7 +194,9 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
             "notes": list(plan.notes),
             "validation": None,
             "resources": {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak, "native_kernel": kernel_state,
-                          "torch": "not used (torch-free path, merger/core/fast.py)" if kernel is not None else "used"},
+                          "torch": "not used (torch-free path, merger/core/fast.py)" if kernel is not None else "used",
+                          "output_sha256": "by the merge workers, chunk by chunk (merger/ordered.py)"
+                          if ordered is not None else "by the writer's hash thread"},
         }
         (tmp / "switchyard.json").write_text(json.dumps(prov, indent=2))
         (tmp / "README.md").write_text(provenance.model_card(prov))
@@ -211,6 +220,18 @@ def _torch_free_kernel(options: MergeOptions, n_adapters: int):
     from merger import native
 
     return native.merge_lora_bf16() if native.enabled() else None
+
+
+def _ordered_pass(kernel):
+    """(hash_in_turn, libcrypto's SHA-256) when the torch-free path can hash in its workers
+    (merger/ordered.py), else None: the writer hashes. SWITCHYARD_ORDERED=0 turns it off."""
+    if kernel is None or os.environ.get("SWITCHYARD_ORDERED", "1") == "0":
+        return None
+    from merger import native
+    from merger.io import sha256_ctx
+
+    in_turn, sha = native.hash_in_turn(), sha256_ctx.load()
+    return (in_turn, sha) if in_turn is not None and sha is not None else None
 
 
 def _load_adapters(adapters: list, options: MergeOptions, arrays: str):

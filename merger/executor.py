@@ -29,7 +29,7 @@ from merger.io.writer import StreamingShardWriter
 SLICE_BYTES = 64 << 20  # passthrough tensors stream from the map in slices this size
 
 
-class _BufferPool:
+class BufferPool:
     """Output buffers handed back after their tensor is written, so merged tensors reuse memory
     that is already mapped (at most `depth` buffers exist)."""
 
@@ -78,7 +78,7 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
     readers = {s.path: ShardReader(s.path) for s in ckpt.shards}
     stats = []
     written = 0
-    buffers = _BufferPool("numpy" if compute is None else "torch")
+    buffers = BufferPool("numpy" if compute is None else "torch")
 
     def work(task: TensorTask):
         info = ckpt.tensors[task.source]

@@ -96,11 +96,13 @@ def index_json(shards: list[ShardPlan]) -> dict:
 
 
 class StreamingShardWriter:
-    """Appends tensors, in plan order, to the shards of `plans` under `folder`; hashes as it goes."""
+    """Appends tensors, in plan order, to the shards of `plans` under `folder`; hashes as it goes,
+    unless `hashing` is False (the caller hashes the same bytes itself: merger/ordered.py)."""
 
-    def __init__(self, folder: Path, plans: list[ShardPlan]) -> None:
+    def __init__(self, folder: Path, plans: list[ShardPlan], hashing: bool = True) -> None:
         self.folder = folder
         self.plans = plans
+        self.hashing = hashing
         self.sha256: dict[str, str] = {}
         self._queue = [(p, t) for p in plans for t in p.tensors]
         self._pos = 0
@@ -125,8 +127,10 @@ class StreamingShardWriter:
         # sha256 runs in a second thread while this one writes the same bytes (both release the GIL);
         # it is awaited before returning, so the caller may reuse `data` at once and hashes stay in order
         view = memoryview(data).cast("B")
-        hashing = self._hasher().submit(self._hash.update, view) if view.nbytes >= _PARALLEL_HASH_BYTES else None
-        if hashing is None:
+        hashing = None
+        if self.hashing and view.nbytes >= _PARALLEL_HASH_BYTES:
+            hashing = self._hasher().submit(self._hash.update, view)
+        elif self.hashing:
             self._hash.update(view)
         try:
             if self._direct is not None:
@@ -188,12 +192,14 @@ class StreamingShardWriter:
                 raise self._failed(exc) from exc
             finally:
                 self._direct = None
-            self.sha256[self._plan.filename] = self._hash.hexdigest()
+            if self.hashing:
+                self.sha256[self._plan.filename] = self._hash.hexdigest()
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            self.sha256[self._plan.filename] = self._hash.hexdigest()
+            if self.hashing:
+                self.sha256[self._plan.filename] = self._hash.hexdigest()
             self._file = None
 
     def close(self) -> None:

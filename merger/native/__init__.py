@@ -42,6 +42,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "merge_bf16": [_P, _P, _P, _I, _P, _P],
     "merge_lora_bf16": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P],
+    "hash_in_turn": [_P, _I, _P, _I, _P, _P],
 }
 
 
@@ -56,6 +57,10 @@ def merge_lora_bf16() -> Optional[Callable]:
     return _function("merge_lora_bf16")
 
 
+def hash_in_turn() -> Optional[Callable]:
+    return _function("hash_in_turn")
+
+
 def _function(name: str) -> Optional[Callable]:
     if not enabled():
         return None
@@ -68,7 +73,7 @@ def _function(name: str) -> Optional[Callable]:
             if lib is not None:
                 fn = getattr(lib, name)
                 fn.argtypes = _SIGNATURES[name]
-                fn.restype = None
+                fn.restype = ctypes.c_int if name == "hash_in_turn" else None
             _loaded[name] = fn  # ctypes drops the GIL for the call: both merge workers run it at once
         return _loaded[name]
 

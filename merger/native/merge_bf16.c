@@ -10,6 +10,7 @@
  *
  * Built by merger/native/__init__.py with the system's C compiler (-O3 -fopenmp-simd). */
 #include <math.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -24,6 +25,7 @@
  * to ~1e-7 relative); their totals are added in double. Wider accumulators inside the loop halve
  * the vector width and double the time. */
 #define BLOCK 1024
+#define SPINS 256 /* hash_in_turn's busy waits before it yields: ~10-40 us */
 
 /* The pass over n elements: out = round_bf16(float(base) + delta), with the sums and the count. Cloned
  * itself: gcc does not inline it into the callers' clones, and its default build is a third as fast. */
@@ -153,4 +155,32 @@ void merge_lora_bf16(const uint16_t *restrict base, const float *restrict L, con
     sums[0] += w2;
     sums[1] += err2;
     *same += eq;
+}
+
+/* Hash `n` bytes in file order across threads: wait until turn[0] == k (a few hundred spins, then
+ * yielding the CPU), feed them to `update(ctx, data, n)` (OpenSSL's EVP_DigestUpdate) and pass the
+ * turn on (k + 1). Called without the GIL, so the turn passes between the merge workers with no
+ * Python, lock or futex in between (merger/ordered.py). Returns 0; -1 when turn[1] is set (another
+ * thread failed: abort the wait); -2 when the update failed (turn[1] is then set for the others). */
+typedef int (*hash_update_fn)(void *ctx, const void *data, size_t n);
+
+int hash_in_turn(const void *data, int64_t n, int64_t *turn, int64_t k, hash_update_fn update, void *ctx)
+{
+    for (int spins = 0; __atomic_load_n(&turn[0], __ATOMIC_ACQUIRE) != k; spins++) {
+        if (__atomic_load_n(&turn[1], __ATOMIC_RELAXED))
+            return -1;
+        if (spins < SPINS) {
+#if defined(__x86_64__)
+            __builtin_ia32_pause();
+#endif
+        } else {
+            sched_yield();
+        }
+    }
+    if (n > 0 && update(ctx, data, (size_t)n) != 1) {
+        __atomic_store_n(&turn[1], 1, __ATOMIC_RELAXED);
+        return -2;
+    }
+    __atomic_store_n(&turn[0], k + 1, __ATOMIC_RELEASE);
+    return 0;
 }

@@ -1,0 +1,217 @@
+"""The torch-free path's ordered pass (merger/ordered.py): each chunk hashed by its merge worker, in file
+order, through merger/native's hash_in_turn and libcrypto's SHA-256 (merger/io/sha256_ctx.py). Same files
+and digests as the writer's hashing, every byte in order, failures that stop every thread."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from merger import native
+from merger.api import MergeOptions, merge
+from merger.core.plan import AddLora, TensorTask
+from merger.errors import NonFiniteError, OutputError
+from merger.io import sha256_ctx
+from merger.io.writer import OutTensor, StreamingShardWriter, plan_shards
+from merger import ordered
+from tests.merger.common import make_adapter, tiny_model
+
+
+@pytest.fixture
+def sha():
+    lib = sha256_ctx.load()
+    if lib is None:
+        pytest.skip(f"no libcrypto here: {sha256_ctx.last_error}")
+    return lib
+
+
+@pytest.fixture
+def in_turn(kernel):
+    return native.hash_in_turn()
+
+
+def _files_sha256(folder):
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("shard_size,chunk", [("2GB", 1 << 19), ("8KB", 1 << 19), ("2GB", 100)])
+def test_same_files_and_digests_as_the_writers_hash(tmp_path, monkeypatch, kernel, sha, shard_size, chunk):
+    """One shard; many, some holding one tensor; one row a chunk (many chunks per tensor)."""
+    monkeypatch.setattr(ordered.fast, "CHUNK_ELEMENTS", chunk)
+    base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=12, target_modules="all-linear")
+    opts = MergeOptions(shard_size=shard_size)
+    fast = merge(base, [adapter], tmp_path / "ordered", opts)
+    monkeypatch.setenv("SWITCHYARD_ORDERED", "0")
+    plain = merge(base, [adapter], tmp_path / "plain", opts)
+    res = fast.provenance["resources"]
+    assert res["output_sha256"].startswith("by the merge workers") and res["torch"].startswith("not used")
+    assert plain.provenance["resources"]["output_sha256"] == "by the writer's hash thread"
+    digests = fast.provenance["output"]["shards_sha256"]
+    assert len(digests) == (1 if shard_size == "2GB" else len(_files_sha256(tmp_path / "plain")))
+    assert shard_size == "2GB" or len(digests) > 3
+    assert digests == _files_sha256(tmp_path / "ordered") == _files_sha256(tmp_path / "plain")
+    assert digests == plain.provenance["output"]["shards_sha256"]
+    assert fast.rounding == plain.rounding  # every chunk's sums counted
+
+
+def _task(name, shape, steps=()):
+    return TensorTask(name, name, "BF16", "BF16", shape, steps)
+
+
+def test_units_cover_every_row_and_byte_in_file_order():
+    lora = (AddLora(None, "a"),)  # units() looks only at whether there are steps
+    tasks = [_task("embed", (300, 64)), _task("q", (1000, 1000), lora), _task("norm", (64,)), _task("e", (0, 64), lora)]
+    nbytes = [300 * 64 * 2, 1000 * 1000 * 2, 128, 0]
+    shards = plan_shards([OutTensor(t.name, "BF16", t.shape) for t in tasks], 1 << 20)
+    steps = ordered.units(tasks, nbytes, shards)
+    assert [s for s in range(len(shards))] == [u.shard for u in steps if u.task == -1]
+    assert [u.task for u in steps if u.task >= 0] == sorted(u.task for u in steps if u.task >= 0)  # file order
+    assert steps[0] == ordered.Unit(0, -1, 0, 0)
+    for i, task in enumerate(tasks):
+        mine = [u for u in steps if u.task == i]
+        end = task.shape[0] if task.steps else nbytes[i]
+        assert mine[0].lo == 0 and mine[-1].hi == end
+        assert all(a.hi == b.lo for a, b in zip(mine, mine[1:]))  # contiguous, no overlap
+    assert len([u for u in steps if u.task == 1]) == -(-1000 // (ordered.fast.CHUNK_ELEMENTS // 1000))
+    with pytest.raises(AssertionError, match="shard plan has"):
+        ordered.units(list(reversed(tasks)), nbytes[::-1], shards)
+
+
+def test_depth_follows_the_largest_tensor():
+    assert ordered.depth_for(23 << 20) == ordered.MAX_DEPTH  # 1.1B shape: 23 MB tensors
+    assert ordered.depth_for(117 << 20) == ordered.MIN_DEPTH  # 8B shape: 117 MB tensors
+    assert ordered.depth_for(80 << 20) == 3
+    assert ordered.depth_for(0) == ordered.MAX_DEPTH
+
+
+def test_sha256_ctx_matches_hashlib(sha):
+    for parts in ([], [b""], [b"abc"], [b"x" * 1000, b"", b"y" * (1 << 20) + b"z"]):
+        ctx = sha.new(b"head")
+        for p in parts:
+            ctx.update(p)
+        assert ctx.hexdigest() == hashlib.sha256(b"head" + b"".join(parts)).hexdigest()
+
+
+def test_hash_in_turn_hashes_in_turn_order_whatever_the_call_order(sha, in_turn):
+    chunks = [bytes([i]) * (1000 + i) for i in range(6)]
+    turn = np.zeros(2, dtype=np.int64)
+    ctx = sha.new()
+
+    def hash_step(k):
+        buf = np.frombuffer(chunks[k], dtype=np.uint8)
+        assert in_turn(buf.ctypes.data, buf.nbytes, turn.ctypes.data, k, sha.update_address, ctx.address) == 0
+
+    threads = [threading.Thread(target=hash_step, args=(k,)) for k in (5, 3, 4, 1, 2, 0)]  # waiters first
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert turn[0] == 6
+    assert ctx.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+
+
+def test_hash_in_turn_gives_up_when_told(sha, in_turn):
+    turn = np.array([0, 0], dtype=np.int64)
+    ctx = sha.new()
+    buf = np.zeros(8, dtype=np.uint8)
+    result = []
+    t = threading.Thread(target=lambda: result.append(
+        in_turn(buf.ctypes.data, 8, turn.ctypes.data, 3, sha.update_address, ctx.address)))
+    t.start()
+    t.join(timeout=0.2)
+    assert t.is_alive()  # step 3 waits for steps 0-2
+    turn[1] = 1
+    t.join(timeout=30)
+    assert result == [-1] and turn[0] == 0
+
+
+def test_nan_in_a_copied_base_tensor_stops_the_pass(tmp_path, kernel, sha):
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    f = next(base.glob("*.safetensors"))
+    t = load_file(f)
+    t["model.embed_tokens.weight"][3, 1] = float("nan")  # copied unchanged: checked by a worker
+    save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match="model.embed_tokens.weight has NaN/Inf"):
+        merge(base, [adapter], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_worker_that_fails_releases_the_one_waiting_for_its_turn(tmp_path, monkeypatch, kernel, sha):
+    """Step 4 fails after step 5 is computed and waiting in hash_in_turn for it: the pass must tell
+    that worker to give up (turn[1]), or it would spin for ever."""
+    base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, target_modules="all-linear")
+    real = ordered._Pass._compute
+
+    def compute(self, k, u, t, scratch):
+        if k == 4:
+            time.sleep(0.5)
+            raise NonFiniteError("merged tensor x has NaN/Inf values", "test")
+        return real(self, k, u, t, scratch)
+
+    monkeypatch.setattr(ordered._Pass, "_compute", compute)
+    errors = []
+    run = threading.Thread(target=lambda: errors.append(_raises(lambda: merge(base, [adapter], tmp_path / "out"))),
+                           daemon=True)
+    run.start()
+    run.join(timeout=60)
+    assert not run.is_alive(), "a merge worker is still waiting for its turn"
+    assert isinstance(errors[0], NonFiniteError)
+    assert not (tmp_path / "out").exists()
+
+
+def _raises(fn):
+    try:
+        fn()
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def test_a_failed_write_stops_the_workers_and_leaves_nothing(tmp_path, monkeypatch, kernel, sha):
+    base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, target_modules="all-linear")
+    real = StreamingShardWriter.write
+    calls = []
+
+    def failing(self, name, data):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OutputError("disk full while writing model.safetensors", "free space")
+        return real(self, name, data)
+
+    monkeypatch.setattr(StreamingShardWriter, "write", failing)
+    before = threading.active_count()
+    with pytest.raises(OutputError, match="disk full"):
+        merge(base, [adapter], tmp_path / "out", MergeOptions(shard_size="8KB"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert threading.active_count() <= before  # the merge workers ended (no one left spinning)
+
+
+def test_without_libcrypto_the_writer_hashes(tmp_path, monkeypatch, kernel):
+    base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj", "v_proj"])
+    monkeypatch.setattr(sha256_ctx, "load", lambda: None)
+    r = merge(base, [adapter], tmp_path / "out")
+    assert r.provenance["resources"]["output_sha256"] == "by the writer's hash thread"
+    assert r.provenance["resources"]["torch"].startswith("not used")
+    assert r.provenance["output"]["shards_sha256"] == _files_sha256(tmp_path / "out")
+
+
+def test_libcrypto_that_disagrees_with_hashlib_is_not_used(monkeypatch):
+    monkeypatch.setattr(sha256_ctx, "_loaded", {})
+    monkeypatch.setattr(sha256_ctx.hashlib, "sha256", lambda data=b"": hashlib.md5(data))  # a "different" digest
+    assert sha256_ctx.load() is None
+    assert "disagrees with hashlib" in sha256_ctx.last_error
+    monkeypatch.setattr(sha256_ctx, "_loaded", {})
+    monkeypatch.setattr(sha256_ctx.ctypes.util, "find_library", lambda name: None)
+    assert sha256_ctx.load() is None and "libcrypto not found" in sha256_ctx.last_error
