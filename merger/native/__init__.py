@@ -26,7 +26,7 @@ LIBS = ("-lm",)  # fmaf where the CPU has no FMA instruction
 FALLBACK_FLAGS = FLAGS + ("-DSWITCHYARD_NO_CLONES",)
 
 _lock = threading.Lock()
-_loaded: dict[str, Optional[Callable]] = {}
+_loaded: dict[str, object] = {}  # the library under "", then each function by name
 last_error: Optional[str] = None  # why the kernel is unavailable, for the curious (and the tests)
 
 
@@ -58,6 +58,8 @@ def merge_lora_bf16() -> Optional[Callable]:
 
 
 def hash_in_turn() -> Optional[Callable]:
+    """`fn(data_ptr, n, turn_ptr, k, update_fn_ptr, ctx_ptr) -> int`: hash in file order across threads
+    (see merge_bf16.c; merger/ordered.py), or None."""
     return _function("hash_in_turn")
 
 

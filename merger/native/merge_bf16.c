@@ -8,7 +8,11 @@
  * bit-identical to torch's `.to(torch.bfloat16)` for finite values. NaN/Inf are not special-cased:
  * they make the sums non-finite and the caller refuses the tensor.
  *
- * Built by merger/native/__init__.py with the system's C compiler (-O3 -fopenmp-simd). */
+ * merge_lora_bf16 is the same pass with the delta built from the LoRA factors in cache (the merge's
+ * hot loop); hash_in_turn passes the output's sha256 from merge worker to merge worker in file order
+ * (merger/ordered.py).
+ *
+ * Built by merger/native/__init__.py with the system's C compiler (-O3 -fopenmp-simd -lm). */
 #include <math.h>
 #include <sched.h>
 #include <stdint.h>
