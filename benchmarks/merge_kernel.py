@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import queue
 import sys
@@ -158,12 +159,17 @@ def main() -> None:
             n = min(chunk_rows, R0 - s)
             lora(b16[s:].ctypes.data, Ln[s:].ctypes.data, Rn.ctypes.data, 16, n, cols, row.ctypes.data,
                  o16[s:].ctypes.data, sums.ctypes.data, same.ctypes.data)
-    gemm_ms = per_call(lambda: merge_tensor(1 << 19), 20) * 1e3
-    fused_ms = per_call(merge_fused, 20) * 1e3
     per = PER / (R0 * cols)
-    print(f"   GEMM + kernel {gemm_ms:.1f} ms ({gemm_ms * per / 1e3:.2f} s per 1.1 G), "
-          f"merge_lora_bf16 {fused_ms:.1f} ms ({fused_ms * per / 1e3:.2f} s per 1.1 G)")
-    print(f"   outputs bit-identical: {torch.equal(out.view(torch.int16), fused_out.view(torch.int16))}")
+    gemm_ms = per_call(lambda: merge_tensor(1 << 19), 20) * 1e3
+    print(f"   GEMM + kernel {gemm_ms:.1f} ms ({gemm_ms * per / 1e3:.2f} s per 1.1 G)")
+    level = ctypes.c_int.in_dll(native.library(), "merge_lora_isa")
+    for isa, name in ((2, "AVX-512"), (1, "AVX2 + FMA"), (0, "portable C")):  # capped; the CPU may have less
+        level.value = isa
+        fused_ms = per_call(merge_fused, 20 if isa else 2) * 1e3
+        identical = torch.equal(out.view(torch.int16), fused_out.view(torch.int16))
+        print(f"   merge_lora_bf16, {name:10s} {fused_ms:6.1f} ms ({fused_ms * per / 1e3:.2f} s per 1.1 G), "
+              f"bit-identical: {identical}")
+    level.value = 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from merger.core.combine import combine
 from merger.core.lora import apply_token_rows, dora_factor, lora_bias_delta, lora_delta
 from merger.core.nf4 import nf4_roundtrip
 from merger.core.plan import AddLora, AddLoraBias, Combine, Replace, SetRows, TensorTask
-from merger.core.fast import CHUNK_ELEMENTS
+from merger.core.fast import CHUNK_ELEMENTS, chunk_rows
 from merger.core.stats import TensorStats, plain_lora_stats
 from merger.errors import NonFiniteError
 
@@ -121,8 +121,7 @@ def _plain_lora(task: TensorTask, base: torch.Tensor, compute: torch.dtype, out_
         out = out_buffer[:nbytes].view(out_dtype).view(base.shape)  # reused: no fresh pages to fault in
     else:
         out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
-    cols = max(1, base.shape[1])
-    rows = max(1, CHUNK_ELEMENTS // cols)
+    rows = chunk_rows(base.shape, CHUNK_ELEMENTS)  # the same chunks on both paths
     work, diff = _scratch_buffers(compute, base.device)
     kernel = _native_kernel(base, compute, out_dtype)
     if kernel is not None:

@@ -69,9 +69,11 @@ def factors(task: TensorTask) -> Factors:
     return Factors(left, right, chunk_rows(task.shape), nonzero, dnorm)
 
 
-def chunk_rows(shape: tuple[int, ...]) -> int:
-    """Rows per chunk of a 2-D tensor: about CHUNK_ELEMENTS elements, at least one row."""
-    return max(1, CHUNK_ELEMENTS // max(1, shape[1]))
+def chunk_rows(shape: tuple[int, ...], elements: int = 0) -> int:
+    """Rows per chunk of a 2-D tensor: about `elements` (CHUNK_ELEMENTS) entries, a multiple of the
+    kernel's rows where that many fit (a short group takes its slower per-row loop), at least one row."""
+    rows = max(1, (elements or CHUNK_ELEMENTS) // max(1, shape[1]))
+    return rows - rows % KERNEL_ROWS if rows >= KERNEL_ROWS else rows
 
 
 def scratch(tasks) -> np.ndarray:

@@ -43,7 +43,9 @@ _SIGNATURES = {
     "merge_bf16": [_P, _P, _P, _I, _P, _P],
     "merge_lora_bf16": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P],
     "hash_in_turn": [_P, _I, _P, _I, _P, _P],
+    "merge_lora_vectorised": [],
 }
+_RETURNS = {"hash_in_turn": ctypes.c_int, "merge_lora_vectorised": ctypes.c_int}
 
 
 def merge_bf16() -> Optional[Callable]:
@@ -53,14 +55,42 @@ def merge_bf16() -> Optional[Callable]:
 
 def merge_lora_bf16() -> Optional[Callable]:
     """`fn(base_ptr, L_ptr, R_ptr, rank, rows, cols, scratch_ptr, out_ptr, sums_ptr, same_ptr)`: merge_bf16
-    with the delta L @ R built in cache from its factors (see merge_bf16.c), or None."""
-    return _function("merge_lora_bf16")
+    with the delta L @ R built in cache from its factors (see merge_bf16.c), or None. Where the CPU has
+    no AVX-512 or AVX2 + FMA, the same contract by numpy's GEMM and merge_bf16 (the C loop's portable
+    fallback is ~7x slower than the GEMM: benchmarks/merge_kernel.py, item 5)."""
+    fn, vectorised = _function("merge_lora_bf16"), _function("merge_lora_vectorised")
+    if fn is None or vectorised is None or vectorised():
+        return fn
+    return _gemm_then_pass(_function("merge_bf16"))
+
+
+def _gemm_then_pass(merge_bf16: Callable) -> Callable:
+    local = threading.local()  # a delta buffer per merge worker, reused across chunks
+
+    def fn(base, L, R, rank, rows, cols, scratch, out, sums, same):
+        import numpy as np
+
+        n = rows * cols
+        buf = getattr(local, "buf", None)
+        if buf is None or buf.size < n:
+            buf = local.buf = np.empty(max(n, 1), dtype=np.float32)
+        left = np.ctypeslib.as_array((ctypes.c_float * (rows * rank)).from_address(L)).reshape(rows, rank)
+        right = np.ctypeslib.as_array((ctypes.c_float * (rank * cols)).from_address(R)).reshape(rank, cols)
+        delta = buf[:n].reshape(rows, cols)
+        np.matmul(left, right, out=delta)
+        merge_bf16(base, delta.ctypes.data, out, n, sums, same)
+    return fn
 
 
 def hash_in_turn() -> Optional[Callable]:
     """`fn(data_ptr, n, turn_ptr, k, update_fn_ptr, ctx_ptr) -> int`: hash in file order across threads
     (see merge_bf16.c; merger/ordered.py), or None."""
     return _function("hash_in_turn")
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The built library itself (tests set its `merge_lora_isa`), or None."""
+    return _loaded[""] if merge_bf16() is not None else None  # type: ignore[return-value]
 
 
 def _function(name: str) -> Optional[Callable]:
@@ -75,7 +105,7 @@ def _function(name: str) -> Optional[Callable]:
             if lib is not None:
                 fn = getattr(lib, name)
                 fn.argtypes = _SIGNATURES[name]
-                fn.restype = ctypes.c_int if name == "hash_in_turn" else None
+                fn.restype = _RETURNS.get(name)
             _loaded[name] = fn  # ctypes drops the GIL for the call: both merge workers run it at once
         return _loaded[name]
 

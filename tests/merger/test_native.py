@@ -3,6 +3,7 @@ and the torch path when it cannot be built."""
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from merger import native
 from merger.core import apply
+from merger.core.fast import chunk_rows
 from merger.core.lora import LoraModule
 from merger.core.plan import AddLora, TensorTask
 from merger.errors import NonFiniteError
@@ -58,12 +60,15 @@ def test_kernel_overflow_rounds_to_inf_like_torch_and_says_so_in_the_sums(kernel
     assert not np.isfinite(w2)  # the caller's cue for its exact check
 
 
+@pytest.mark.parametrize("isa", [2, 1, 0])  # AVX-512, AVX2 + FMA, portable C (where the CPU has them)
 @pytest.mark.parametrize("rows,cols,rank", [(8, 256, 16), (7, 200, 16), (13, 777, 7), (5, 64, 1), (4, 130, 64),
                                            (1, 5, 3)])
-def test_lora_kernel_equals_the_gemm_then_the_kernel(kernel, lora_kernel, rows, cols, rank):
-    """merge_lora_bf16 builds the delta itself (FMAs over r in order, four rows at a time, 64 columns
-    at a time with AVX-512): the same bits as numpy's GEMM followed by merge_bf16, for row counts
-    that are not multiples of four and widths with a tail, and the same sums."""
+def test_lora_kernel_equals_the_gemm_then_the_kernel(monkeypatch, kernel, lora_kernel, rows, cols, rank, isa):
+    """merge_lora_bf16 builds the delta itself (FMAs over r in order, four rows at a time, 64 or 16
+    columns at a time with AVX-512 or AVX2): the same bits as numpy's GEMM followed by merge_bf16, for
+    row counts that are not multiples of four and widths with a tail, and the same sums."""
+    level = ctypes.c_int.in_dll(native.library(), "merge_lora_isa")
+    monkeypatch.setattr(level, "value", isa)
     g = np.random.default_rng(rows * cols + rank)
     L = g.standard_normal((rows, rank), dtype=np.float32) * 0.05
     R = g.standard_normal((rank, cols), dtype=np.float32) * 0.02
@@ -79,6 +84,31 @@ def test_lora_kernel_equals_the_gemm_then_the_kernel(kernel, lora_kernel, rows, 
     assert torch.equal(out.view(torch.int16), want.view(torch.int16))
     assert int(eq[0]) == same
     assert sums[0] == pytest.approx(w2, rel=1e-6) and sums[1] == pytest.approx(err2, rel=1e-6)
+
+
+def test_without_vector_fmas_the_delta_comes_from_the_gemm(monkeypatch, kernel, lora_kernel):
+    """Where merge_lora_bf16 would run its portable loop (~7x slower than a GEMM), merge_lora_bf16()
+    hands out numpy's GEMM + merge_bf16 under the same contract: the same bits and sums."""
+    real = native._function
+    monkeypatch.setattr(native, "_function", lambda name: (lambda: 0) if name == "merge_lora_vectorised" else real(name))
+    slow = native.merge_lora_bf16()
+    assert slow is not lora_kernel
+    g = np.random.default_rng(5)
+    rows, cols, rank = 13, 777, 7
+    L = g.standard_normal((rows, rank), dtype=np.float32) * 0.05
+    R = g.standard_normal((rank, cols), dtype=np.float32) * 0.02
+    base = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(5)) * 0.05).to(torch.bfloat16)
+    results = []
+    scratch = np.empty(4 * cols, np.float32)
+    for fn in (lora_kernel, slow):
+        out = torch.empty_like(base)
+        sums, eq = np.zeros(2), np.zeros(1, dtype=np.int64)
+        fn(base.data_ptr(), L.ctypes.data, R.ctypes.data, rank, rows, cols, scratch.ctypes.data,
+           out.data_ptr(), sums.ctypes.data, eq.ctypes.data)
+        results.append((out.view(torch.int16), sums, int(eq[0])))
+    (a, sa, ea), (b, sb, eb) = results
+    assert torch.equal(a, b) and ea == eb
+    assert sa == pytest.approx(sb, rel=1e-6)
 
 
 def _task(shape, fif=False, nan=False):
@@ -104,8 +134,9 @@ def test_plain_lora_with_the_kernel_matches_the_torch_loop(monkeypatch, kernel, 
     monkeypatch.setattr(native, "merge_lora_bf16", lambda: lambda *a: calls.append(a[4] * a[5]) or lora(*a))
     task, base = _task((48, 40) if not fif else (40, 48), fif)
     fast_out, fast = apply.run_task(task, base)
-    rows = chunk // base.shape[1]
-    assert sum(calls) == base.numel() and len(calls) == -(-base.shape[0] // rows)  # 1, 7 or 8 chunks
+    rows = chunk_rows(base.shape, chunk)
+    assert chunk > 280 or rows == 4  # 7 and 5 rows a chunk, rounded down to the kernel's 4
+    assert sum(calls) == base.numel() and len(calls) == -(-base.shape[0] // rows)  # 1, 12 or 10 chunks
     monkeypatch.setenv("SWITCHYARD_NATIVE", "0")
     monkeypatch.setattr(native, "merge_lora_bf16", lambda: None)
     torch_out, slow = apply.run_task(task, base)
