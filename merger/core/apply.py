@@ -181,16 +181,9 @@ def _native_chunks(kernel, task: TensorTask, base: torch.Tensor, left: torch.Ten
     to the torch loop (tests/merger/test_native.py)."""
     from merger.core import fast
 
-    L, R = left.contiguous().numpy(), right.contiguous().numpy()
     b16 = base.contiguous().view(torch.int16).numpy().view(np.uint16)
     o16 = out.view(torch.int16).numpy().view(np.uint16)
-    scratch = fast.scratch([task])
-    w2 = err2 = 0.0
-    same = 0
-    for s in range(0, base.shape[0], rows):
-        a, b, c = fast.chunk(task, L, R, b16, o16, s, s + rows, scratch, kernel)
-        w2, err2, same = w2 + a, err2 + b, same + c
-    return w2, err2, same
+    return fast.chunks(task, left.contiguous().numpy(), right.contiguous().numpy(), b16, o16, rows, kernel)
 
 
 def _sumsq(t: torch.Tensor) -> float:

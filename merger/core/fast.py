@@ -106,13 +106,19 @@ def stats(task: TensorTask, f: Factors, w2: float, err2: float, same: int) -> Te
     return plain_lora_stats(task.name, math.prod(task.shape), f.nonzero, same, w2, err2, err2, f.dnorm)
 
 
-def plain_lora(task: TensorTask, base: np.ndarray, out: np.ndarray, kernel) -> TensorStats:
-    """`base`, `out`: the tensor's bf16 bits (uint16, the task's 2-D shape); fills `out`, chunk by chunk."""
-    f = factors(task)
+def chunks(task: TensorTask, left: np.ndarray, right: np.ndarray, base: np.ndarray, out: np.ndarray, rows: int,
+           kernel) -> tuple[float, float, int]:
+    """`chunk` over the whole tensor, `rows` at a time -> the totals, added in row order."""
     work = scratch([task])
     w2 = err2 = 0.0
     same = 0
-    for lo in range(0, base.shape[0], f.rows):
-        a, b, c = chunk(task, f.left, f.right, base, out, lo, lo + f.rows, work, kernel)
+    for lo in range(0, base.shape[0], rows):
+        a, b, c = chunk(task, left, right, base, out, lo, lo + rows, work, kernel)
         w2, err2, same = w2 + a, err2 + b, same + c
-    return stats(task, f, w2, err2, same)
+    return w2, err2, same
+
+
+def plain_lora(task: TensorTask, base: np.ndarray, out: np.ndarray, kernel) -> TensorStats:
+    """`base`, `out`: the tensor's bf16 bits (uint16, the task's 2-D shape); fills `out`, chunk by chunk."""
+    f = factors(task)
+    return stats(task, f, *chunks(task, f.left, f.right, base, out, f.rows, kernel))

@@ -61,7 +61,9 @@ def merge_lora_bf16() -> Optional[Callable]:
     fn, vectorised = _function("merge_lora_bf16"), _function("merge_lora_vectorised")
     if fn is None or vectorised is None or vectorised():
         return fn
-    return _gemm_then_pass(_function("merge_bf16"))
+    gemm = _function("merge_bf16")
+    with _lock:  # one wrapper per process: its delta buffers are reused across tensors
+        return _loaded.setdefault("merge_lora_bf16 by GEMM", _gemm_then_pass(gemm))  # type: ignore[return-value]
 
 
 def _gemm_then_pass(merge_bf16: Callable) -> Callable:
