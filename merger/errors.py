@@ -31,7 +31,15 @@ class ShapeMismatchError(MergeError):
 
 
 class NonFiniteError(MergeError):
-    pass
+    @classmethod
+    def in_base(cls, source: str) -> "NonFiniteError":
+        return cls(f"base tensor {source} has NaN/Inf values",
+                   "the base checkpoint is broken; re-download or re-save it. Nothing was written")
+
+    @classmethod
+    def in_merge(cls, name: str) -> "NonFiniteError":
+        return cls(f"merged tensor {name} has NaN/Inf values",
+                   "the adapter or base is broken (check its training run); nothing was written")
 
 
 class OutputError(MergeError):

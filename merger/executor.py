@@ -106,8 +106,7 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
 
         view = readers[info.shard].view(info)
         if task.passthrough and has_nonfinite(view, task.src_dtype):
-            raise NonFiniteError(f"base tensor {task.source} has NaN/Inf values",
-                                 "the base checkpoint is broken; re-download or re-save it. Nothing was written")
+            raise NonFiniteError.in_base(task.source)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer on a read-only map: we never write to it
             base = torch.frombuffer(view, dtype=ST_TO_TORCH[task.src_dtype]) if info.nbytes else \
@@ -129,8 +128,7 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
         for off in range(0, max(1, info.nbytes), SLICE_BYTES):
             part = view[off:off + SLICE_BYTES]
             if has_nonfinite(part, task.src_dtype):
-                raise NonFiniteError(f"base tensor {task.source} has NaN/Inf values",
-                                     "the base checkpoint is broken; re-download or re-save it. Nothing was written")
+                raise NonFiniteError.in_base(task.source)
             yield part
             reader.release(info.begin + off, info.begin + off + len(part))
 

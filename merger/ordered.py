@@ -168,8 +168,7 @@ class _Pass:
         if t.factors is None:  # copied: checked here, hashed in turn, written by the main thread
             part = t.view[u.lo:u.hi]
             if has_nonfinite(part, task.src_dtype):
-                raise NonFiniteError(f"base tensor {task.source} has NaN/Inf values",
-                                     "the base checkpoint is broken; re-download or re-save it. Nothing was written")
+                raise NonFiniteError.in_base(task.source)
             return np.frombuffer(part, dtype=np.uint8)
         f = t.factors
         self.sums[k] = fast.chunk(task, f.left, f.right, t.base, t.out, u.lo, u.hi, scratch, self.kernel)

@@ -77,8 +77,7 @@ def run_task(task: TensorTask, base: torch.Tensor, compute: torch.dtype = torch.
             w += combine(step.method, deltas, weights, step.density, step.seed, task.name).to(device)
             del deltas
     if not all_finite(w):
-        raise NonFiniteError(f"merged tensor {task.name} has NaN/Inf values",
-                             "the adapter or base is broken (check its training run); nothing was written")
+        raise NonFiniteError.in_merge(task.name)
     out = w.to(out_dtype)
     stats = _stats(task, w_ref, w, out, nf4_err)
     return out.cpu(), stats
@@ -150,8 +149,7 @@ def _torch_chunks(task: TensorTask, base: torch.Tensor, left: torch.Tensor, righ
         c.addmm_(left[s:s + rows], right)
         c2 = _sumsq(c)
         if not math.isfinite(c2) and not bool(torch.isfinite(c).all()):
-            raise NonFiniteError(f"merged tensor {task.name} has NaN/Inf values",
-                                 "the adapter or base is broken (check its training run); nothing was written")
+            raise NonFiniteError.in_merge(task.name)
         o = out[s:s + rows]
         o.copy_(c)
         ref = b if b.dtype == out_dtype else b.to(out_dtype)

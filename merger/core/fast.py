@@ -95,8 +95,7 @@ def chunk(task: TensorTask, left: np.ndarray, right: np.ndarray, base: np.ndarra
     # float sums overflow for |x| > 1.8e19: only then pay for the exact elementwise check
     if not math.isfinite(float(sums[0])) and \
             not bool(np.isfinite(left[lo:hi] @ right + to_float32(b.view(BF16))).all()):
-        raise NonFiniteError(f"merged tensor {task.name} has NaN/Inf values",
-                             "the adapter or base is broken (check its training run); nothing was written")
+        raise NonFiniteError.in_merge(task.name)
     return float(sums[0]), float(sums[1]), int(same[0])
 
 
