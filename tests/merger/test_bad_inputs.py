@@ -167,11 +167,11 @@ def test_disk_full_mid_write_removes_partial_output(pair, tmp_path, monkeypatch)
     real = writer.StreamingShardWriter._write
     calls = {"n": 0}
 
-    def failing(self, data):
+    def failing(self, shard, data):
         calls["n"] += 1
         if calls["n"] > 3:
             raise OutputError("disk full while writing model.safetensors", "free space") from OSError(errno.ENOSPC, "")
-        real(self, data)
+        real(self, shard, data)
 
     monkeypatch.setattr(writer.StreamingShardWriter, "_write", failing)
     with pytest.raises(OutputError, match="disk full"):

@@ -89,8 +89,14 @@ def test_the_shard_writer_maps_disk_full_and_falls_back_where_open_is_refused(tm
         else real_open(path, flags, *mode)))
     (tmp_path / "page").mkdir()
     writer = StreamingShardWriter(tmp_path / "page", [plan])
-    writer.write("a", a)
-    assert writer._direct is None
+    seen = []
+
+    def parts():  # the shard is open (and closed once its last tensor is written)
+        seen.append(writer._open_shards[0].direct)
+        yield a
+
+    writer.write_parts("a", parts())
+    assert seen == [None]
     writer.close()
     assert np.array_equal(load_file(tmp_path / "page" / plan.filename)["a"], a)
     monkeypatch.setattr(directwrite.os, "open", real_open)
