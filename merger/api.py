@@ -164,7 +164,7 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
         if ordered is not None:
             from merger import ordered as ordered_pass
 
-            result = ordered_pass.execute(ckpt, plan, writer, kernel=kernel, in_turn=ordered[0], sha=ordered[1],
+            result = ordered_pass.execute(ckpt, plan, writer, kernel=kernel, in_turn=ordered[0], sha=ordered[1], fused=ordered[2],
                                           workers=options.workers, on_tensor=on_tensor, release=release)
         else:
             result = execute(ckpt, plan, writer, compute=compute, device=options.device, workers=options.workers,
@@ -223,15 +223,16 @@ def _torch_free_kernel(options: MergeOptions, n_adapters: int):
 
 
 def _ordered_pass(kernel):
-    """(hash_in_turn, libcrypto's SHA-256) when the torch-free path can hash in its workers
-    (merger/ordered.py), else None: the writer hashes. SWITCHYARD_ORDERED=0 turns it off."""
+    """(hash_in_turn, libcrypto's SHA-256, merge_lora_bf16_in_turn or None) when the torch-free path can
+    hash in its workers (merger/ordered.py), else None: the writer hashes. SWITCHYARD_ORDERED=0 turns it off."""
     if kernel is None or os.environ.get("SWITCHYARD_ORDERED", "1") == "0":
         return None
     from merger import native
     from merger.io import sha256_ctx
 
     in_turn, sha = native.hash_in_turn(), sha256_ctx.load()
-    return (in_turn, sha) if in_turn is not None and sha is not None else None
+    fused = native.merge_lora_bf16_in_turn() if kernel is native.merge_lora_bf16() else None
+    return (in_turn, sha, fused) if in_turn is not None and sha is not None else None
 
 
 def _load_adapters(adapters: list, options: MergeOptions, arrays: str):

@@ -1,23 +1,28 @@
-"""The torch-free merge's executor: both workers share every tensor chunk by chunk, and each chunk's
-output is hashed by the worker that computed it, in file order, while it is still in its core's cache.
+"""The torch-free merge's executor: each chunk's output is hashed by the worker that computed it, in
+file order, while it is still in its core's cache; shards are hashed, and written, side by side.
 
 Why: with torch gone (merger/core/fast.py) the output's sha256 (provenance) bounds the merge: one
-stream per shard, ~1.9 GB/s of one core at best here. Hashed by a thread of its own, each tensor is
+stream per shard, ~1.8 GB/s of one core at best here. Hashed by a thread of its own, each tensor is
 read back from memory (1.2 GB/s on the benchmark VM); here the chunk just computed is hashed by the
-core that computed it, and the turn to hash passes from worker to worker inside merger/native's
-`hash_in_turn` (an atomic counter, spun on without the GIL), since a turn passed through Python
-(condition variable, GIL) cost ~80 us per 1 MiB chunk, a third of the hash itself. The hash contexts
-are OpenSSL's (merger/io/sha256_ctx.py), so that C can update them. The main thread writes each
-tensor once all of it is hashed (merger/io/writer.py, O_DIRECT where it can), so the disk works
-beside both workers. docs/benchmarks.md (Merge, eleventh session) has the measurements.
+core that computed it: row group by row group inside the kernel (merger/native's
+`merge_lora_bf16_in_turn`) when the worker is the only one on its shard, else once computed, the turn
+passing from worker to worker inside `hash_in_turn` (an atomic counter, spun on without the GIL),
+since a turn passed through Python (condition variable, GIL) cost ~80 us per 1 MiB chunk, a third of
+the hash itself. Each worker keeps to a shard of its own while there is one (`_Pass._lane`; the
+writer balances shard sizes for that), so the two sha256 streams run on both cores; the last shard
+is shared. The hash contexts are OpenSSL's (merger/io/sha256_ctx.py), so that C can update them.
+Two writer threads write each tensor once hashed (merger/io/writer.py, O_DIRECT where it can), one
+shard each, so the disk works beside both workers with two writes in flight. docs/benchmarks.md
+(Merge, eleventh and twelfth sessions) has the measurements.
 
-Memory: at most `depth` merged tensors' outputs exist (a worker that needs another waits until the
-writer hands one back); copied tensors are checked, hashed and written from the map in slices whose
-pages are dropped once written.
+Memory: at most `depth` merged tensors' outputs exist (a worker that needs another waits, outside
+the step lock, until a writer hands one back); copied tensors are checked, hashed and written from
+the map in slices whose pages are dropped once written.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from merger.io.writer import ShardPlan, StreamingShardWriter
 
 SLICE_BYTES = 8 << 20  # copied tensors are checked, hashed and written in slices this size
 IN_FLIGHT_BYTES = 256 << 20  # merged outputs held at once: 2 to 4 tensors, as their size allows
+WRITERS = 2  # threads writing shards side by side
 MIN_DEPTH, MAX_DEPTH = 2, 4  # 4 against 2: -0.1 s on the 1.1B shape (workers waited for the writer)
 
 
@@ -86,62 +92,128 @@ class _Tensor:
 
 
 class _Pass:
-    def __init__(self, ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, kernel, in_turn,
+    def __init__(self, ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, kernel, in_turn, fused,
                  sha: Sha256Lib, depth: int) -> None:
-        self.tasks, self.writer, self.kernel, self.in_turn = list(plan.tasks), writer, kernel, in_turn
+        self.tasks, self.writer, self.kernel, self.in_turn, self.fused = list(plan.tasks), writer, kernel, in_turn, fused
         self.readers = {s.path: ShardReader(s.path) for s in ckpt.shards}
         self.infos = [ckpt.tensors[t.source] for t in self.tasks]
         self.steps = units(self.tasks, [i.nbytes for i in self.infos], writer.plans)
+        n = len(writer.plans)
         self.first: dict[int, int] = {}
         self.last: dict[int, int] = {}
+        self.start, self.end = [0] * n, [0] * n  # each shard's steps: start..end-1, header first
+        self.order: list[list[int]] = [[] for _ in range(n)]  # each shard's tensors, in file order
         for k, u in enumerate(self.steps):
-            self.first.setdefault(u.task, k)
-            self.last[u.task] = k
+            if u.task < 0:
+                self.start[u.shard] = k
+            else:
+                if u.task not in self.first:
+                    self.order[u.shard].append(u.task)
+                self.first.setdefault(u.task, k)
+                self.last[u.task] = k
+            self.end[u.shard] = k + 1
         self.hashes = [sha.new() for _ in writer.plans]
         self.update = sha.update_address
         self.headers = [np.frombuffer(p.header, dtype=np.uint8) for p in writer.plans]
-        self.turn = np.zeros(2, dtype=np.int64)  # [the next step to hash, abort]: updated from C
+        # per shard, updated from C: [its next step to hash, counted from its header; abort]
+        self.turns = np.zeros((n, 2), dtype=np.int64)
         self.sums: list = [None] * len(self.steps)  # each merged step's (w2, err2, same)
-        # what the main thread waits for: each tensor's last step, every step of a copied one
-        self.hashed = {k: threading.Event() for k in set(self.last.values()) | {
-            k for k, u in enumerate(self.steps) if u.task >= 0 and not self.tasks[u.task].steps}}
+        self.left = {i: self.last[i] - self.first[i] + 1 for i in self.first if self.tasks[i].steps}  # steps to finish
+        self.counting = threading.Lock()
+        # each step of a copied tensor: a writer thread writes them slice by slice, as they are hashed
+        self.hashed = {k: threading.Event() for k, u in enumerate(self.steps) if u.task >= 0 and not self.tasks[u.task].steps}
+        # to the main thread: tensors hashed (an index), written ((index, stats)), or None: failed
+        self.ready: queue.SimpleQueue = queue.SimpleQueue()
+        # to the writer threads: shard s's tensors to lanes[s % WRITERS], in order, so two shards
+        # are written side by side (2.2 GB in 1.23-1.30 s by two `dd oflag=direct`, 1.44-1.50 s by one)
+        self.lanes = [queue.SimpleQueue() for _ in range(WRITERS)]
         self.live: dict[int, _Tensor] = {}
         self.buffers = BufferPool("numpy")
         self.slots = threading.Semaphore(depth)
-        self.take = threading.Lock()  # hands out steps in order
-        self.next = 0
+        self.take = threading.Lock()  # hands out steps, each shard's in order
+        self.next = list(self.start)  # each shard's next step to hand out
+        self.on = [0] * n  # workers on each shard
         self.error: Optional[BaseException] = None
         self.failing = threading.Lock()
 
     # workers ---------------------------------------------------------------------------------
+    def _lane(self, mine: Optional[int]) -> Optional[int]:
+        """The shard a worker takes its next step from (under `take`): its own while it has steps; else
+        the first one no worker is on, so that shards are hashed side by side (one sha256 stream each);
+        else the one with most steps left, shared turn by turn."""
+        if mine is not None and self.next[mine] < self.end[mine]:
+            return mine
+        left = [s for s in range(len(self.next)) if self.next[s] < self.end[s]]
+        if not left:
+            return None
+        idle = [s for s in left if self.on[s] == 0]
+        return idle[0] if idle else max(left, key=lambda s: self.end[s] - self.next[s])
+
     def work(self) -> None:
         scratch = fast.scratch(self.tasks)
+        mine: Optional[int] = None
+        permit = False  # a slot taken while waiting outside `take`
         try:
             while True:
                 with self.take:
-                    if self.error is not None or self.next == len(self.steps):
+                    if self.error is not None:
                         return
-                    k = self.next
-                    self.next += 1
+                    s = self._lane(mine)
+                    if s != mine:
+                        if mine is not None:
+                            self.on[mine] -= 1
+                        if s is not None:
+                            self.on[s] += 1
+                        mine = s
+                    if s is None:
+                        return
+                    k = self.next[s]
                     u = self.steps[k]
-                    t = self._tensor(u, k)
-                data = self._compute(k, u, t, scratch)
-                rc = self.in_turn(data.ctypes.data, data.nbytes, self.turn.ctypes.data, k, self.update,
-                                  self.hashes[u.shard].address)
+                    needs = u.task >= 0 and k == self.first[u.task] and bool(self.tasks[u.task].steps)
+                    if needs and not permit and not self.slots.acquire(blocking=False):
+                        k = -1  # wait for the writer outside `take`: the other worker goes on meanwhile
+                    else:
+                        if permit and not needs:
+                            self.slots.release()
+                        permit = False
+                        self.next[s] += 1
+                        t = self._tensor(u, k)
+                if k < 0:
+                    while not self.slots.acquire(timeout=0.05):
+                        if self.error is not None:
+                            return
+                    permit = True
+                    continue
+                rc = self._step(k, u, t, s, scratch)
                 if rc == -1:
                     return  # another thread failed
                 if rc != 0:
                     raise OSError("OpenSSL's EVP_DigestUpdate failed while hashing the output")
-                if t is not None and t.factors is not None and k == self.last[u.task]:
-                    info = self.infos[u.task]
-                    self.readers[info.shard].release(info.begin, info.end)  # read in full: now, not after the write
-                if k in self.hashed:
+                if u.task < 0:
+                    continue
+                if t.factors is not None:
+                    # the step that finishes a tensor, not its last: the turn may pass on (in C)
+                    # before the previous step's worker has stored its sums
+                    with self.counting:
+                        self.left[u.task] -= 1
+                        finished = not self.left[u.task]
+                    if finished:
+                        info = self.infos[u.task]
+                        self.readers[info.shard].release(info.begin, info.end)  # read in full: now, not after the write
+                        self.ready.put(u.task)
+                else:
                     self.hashed[k].set()
+                    if k == self.first[u.task]:
+                        self.ready.put(u.task)
         except BaseException as exc:
             self.fail(exc)
+        finally:
+            if permit:
+                self.slots.release()
 
     def _tensor(self, u: Unit, k: int) -> Optional[_Tensor]:
-        """The step's tensor, set up by its first step (under `take`, so in order)."""
+        """The step's tensor, set up by its first step (under `take`, so before its other steps; a
+        merged one's slot already taken)."""
         if u.task < 0:
             return None
         if k != self.first[u.task]:
@@ -149,10 +221,6 @@ class _Pass:
         task, info = self.tasks[u.task], self.infos[u.task]
         t = _Tensor(self.readers[info.shard].view(info))
         if task.steps:
-            # the writer hands a slot back after each write; the other worker never needs `take` for that
-            while not self.slots.acquire(timeout=0.05):
-                if self.error is not None:
-                    raise RuntimeError("merge stopped")
             t.buf = self.buffers.take(info.nbytes)
             t.base = np.frombuffer(t.view, dtype=np.uint16).reshape(task.shape)
             t.out = t.buf[:info.nbytes].view(np.uint16).reshape(task.shape)
@@ -160,30 +228,79 @@ class _Pass:
         self.live[u.task] = t
         return t
 
-    def _compute(self, k: int, u: Unit, t: Optional[_Tensor], scratch: np.ndarray) -> np.ndarray:
-        """The step's output bytes (computed, or checked) as a uint8 array."""
-        if t is None:
-            return self.headers[u.shard]
-        task = self.tasks[u.task]
-        if t.factors is None:  # copied: checked here, hashed in turn, written by the main thread
+    def _step(self, k: int, u: Unit, t: Optional[_Tensor], s: int, scratch: np.ndarray) -> int:
+        """Compute (or check) step k's output and hash it in its shard's turn -> hash_in_turn's code."""
+        turn, pos, ctx = self.turns[s].ctypes.data, k - self.start[s], self.hashes[s].address
+        if t is None:  # the shard's header
+            data = self.headers[u.shard]
+        elif t.factors is None:  # copied: checked here, hashed in turn, written by a writer thread
+            task = self.tasks[u.task]
             part = t.view[u.lo:u.hi]
             if has_nonfinite(part, task.src_dtype):
                 raise NonFiniteError.in_base(task.source)
-            return np.frombuffer(part, dtype=np.uint8)
-        f = t.factors
-        self.sums[k] = fast.chunk(task, f.left, f.right, t.base, t.out, u.lo, u.hi, scratch, self.kernel)
-        return t.out[u.lo:u.hi].reshape(-1).view(np.uint8)
+            data = np.frombuffer(part, dtype=np.uint8)
+        else:
+            f, rc = t.factors, 0
+            if self.fused is not None:  # computed and hashed in one call: in cache, when the turn is ours
+
+                def kernel(*args):
+                    nonlocal rc
+                    rc = self.fused(*args, turn, pos, self.update, ctx)
+            else:
+                kernel = self.kernel
+            self.sums[k] = fast.chunk(self.tasks[u.task], f.left, f.right, t.base, t.out, u.lo, u.hi, scratch, kernel)
+            if self.fused is not None:
+                return rc
+            data = t.out[u.lo:u.hi].reshape(-1).view(np.uint8)
+        return self.in_turn(data.ctypes.data, data.nbytes, turn, pos, self.update, ctx)
 
     def fail(self, exc: BaseException) -> None:
-        # not under `take`: a worker may hold it while it waits for a slot
+        # not under `take`: a worker may hold it
         with self.failing:
             if self.error is None:
                 self.error = exc
-        self.turn[1] = 1  # workers waiting in hash_in_turn return
+        self.turns[:, 1] = 1  # workers waiting in hash_in_turn return
         for e in self.hashed.values():
             e.set()
+        self.ready.put(None)
+        self.stop_writing()
 
-    # the main thread -------------------------------------------------------------------------
+    # the main thread and the writer threads ------------------------------------------------
+    def written(self):
+        """Hand each tensor, once hashed, to a writer thread (each shard's tensors in order, to one thread)
+        -> yields (tensor index, its stats or None when copied) as each is written."""
+        ready: set[int] = set()
+        shard_of = {i: u.shard for u in self.steps if (i := u.task) >= 0}
+        pos = [0] * len(self.order)
+        done = 0
+        while done < len(self.tasks):
+            item = self.ready.get()
+            if item is None:
+                raise self.error
+            if isinstance(item, tuple):  # (index, stats): written
+                done += 1
+                yield item
+                continue
+            ready.add(item)  # hashed (a copied tensor: its first slice)
+            s = shard_of[item]
+            while pos[s] < len(self.order[s]) and self.order[s][pos[s]] in ready:
+                j = self.order[s][pos[s]]
+                pos[s] += 1
+                ready.discard(j)
+                self.lanes[s % len(self.lanes)].put(j)
+
+    def write_lane(self, lane: queue.SimpleQueue) -> None:
+        """A writer thread: writes the tensors it is handed until it gets None."""
+        try:
+            while (i := lane.get()) is not None:
+                self.ready.put((i, self.write(i)))
+        except BaseException as exc:
+            self.fail(exc)
+
+    def stop_writing(self) -> None:
+        for lane in self.lanes:
+            lane.put(None)
+
     def _until_hashed(self, k: int) -> None:
         self.hashed[k].wait()
         if self.error is not None:
@@ -200,15 +317,13 @@ class _Pass:
             self.readers[info.shard].release(info.begin + u.lo, info.begin + u.hi)
 
     def write(self, i: int):
-        """Write tensor i once hashed -> its stats (None when copied)."""
+        """Write tensor i (merged: all of it hashed; copied: as its slices are) -> its stats (None when copied)."""
         task = self.tasks[i]
         if not task.steps:
             self.writer.write_parts(task.name, self._slices(i))
             self.live.pop(i, None)
             return None
-        self._until_hashed(self.last[i])
-        # not under `take`: a worker may hold it while it waits for the slot this write gives back
-        # (one dict operation, atomic; the worker added the entry before the tensor's first hash)
+        # one dict operation, atomic; the worker added the entry (under `take`) before the first hash
         t = self.live.pop(i)
         self.writer.write(task.name, t.buf[:self.infos[i].nbytes])
         self.buffers.give(t.buf)
@@ -227,11 +342,11 @@ class _Pass:
 
 
 def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, kernel, in_turn, sha: Sha256Lib,
-            workers: int = 2, depth: Optional[int] = None,
+            fused=None, workers: int = 2, depth: Optional[int] = None,
             on_tensor: Callable[[TensorTask, int], None] = lambda task, nbytes: None,
             release: Callable[[TensorTask], None] = lambda task: None) -> ExecutionResult:
     """Run `plan` (every task `fast.eligible`) with merger/native's `kernel` (merge_lora_bf16) and
-    `in_turn` (hash_in_turn); `writer` must not hash (`hashing=False`): the output's sha256 is computed
+    `in_turn` (hash_in_turn), or `fused` (merge_lora_bf16_in_turn, both in one) where given; `writer` must not hash (`hashing=False`): the output's sha256 is computed
     here. `release(task)` runs once the task's output is written."""
     if kernel is None or in_turn is None or writer.hashing or not all(fast.eligible(t) for t in plan.tasks):
         raise AssertionError("the ordered pass needs the native kernels, eligible tasks and a writer that does not hash")
@@ -239,22 +354,22 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
 
     if depth is None:
         depth = depth_for(max([ckpt.tensors[t.source].nbytes for t in plan.tasks if t.steps], default=0))
-    p = _Pass(ckpt, plan, writer, kernel, in_turn, sha, depth)
+    p = _Pass(ckpt, plan, writer, kernel, in_turn, fused, sha, depth)
     stats = []
     written = 0
     # numpy's BLAS on one thread for the factors' small products: the workers are the parallelism
     limits = threadpool_limits(limits=1, user_api="blas")
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
-            running = [pool.submit(p.work) for _ in range(workers)]
+        with ThreadPoolExecutor(max_workers=workers + WRITERS, thread_name_prefix="merge") as pool:
+            running = [pool.submit(p.work) for _ in range(workers)] + [pool.submit(p.write_lane, q) for q in p.lanes]
             try:
-                for i, task in enumerate(p.tasks):
-                    st = p.write(i)
+                for i, st in p.written():
                     if st is not None:
-                        stats.append(st)
+                        stats.append((i, st))
                     written += p.infos[i].nbytes
-                    release(task)
-                    on_tensor(task, p.infos[i].nbytes)
+                    release(p.tasks[i])
+                    on_tensor(p.tasks[i], p.infos[i].nbytes)
+                p.stop_writing()
                 writer.close()
             except BaseException as exc:
                 p.fail(exc)
@@ -268,4 +383,4 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
     finally:
         limits.restore_original_limits()
         digests = p.close()
-    return ExecutionResult(tuple(stats), digests, written)
+    return ExecutionResult(tuple(st for _, st in sorted(stats, key=lambda x: x[0])), digests, written)

@@ -43,9 +43,10 @@ _SIGNATURES = {
     "merge_bf16": [_P, _P, _P, _I, _P, _P],
     "merge_lora_bf16": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P],
     "hash_in_turn": [_P, _I, _P, _I, _P, _P],
+    "merge_lora_bf16_in_turn": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _I, _P, _P],
     "merge_lora_vectorised": [],
 }
-_RETURNS = {"hash_in_turn": ctypes.c_int, "merge_lora_vectorised": ctypes.c_int}
+_RETURNS = {"hash_in_turn": ctypes.c_int, "merge_lora_bf16_in_turn": ctypes.c_int, "merge_lora_vectorised": ctypes.c_int}
 
 
 def merge_bf16() -> Optional[Callable]:
@@ -88,6 +89,15 @@ def hash_in_turn() -> Optional[Callable]:
     """`fn(data_ptr, n, turn_ptr, k, update_fn_ptr, ctx_ptr) -> int`: hash in file order across threads
     (see merge_bf16.c; merger/ordered.py), or None."""
     return _function("hash_in_turn")
+
+
+def merge_lora_bf16_in_turn() -> Optional[Callable]:
+    """`fn(<merge_lora_bf16's arguments>, turn_ptr, k, update_fn_ptr, ctx_ptr) -> int`: merge_lora_bf16,
+    then hash_in_turn of its output, or both at once, row group by row group, when the turn is already
+    the caller's (see merge_bf16.c; merger/ordered.py). None where merge_lora_bf16 has no vector
+    routine (its GEMM stand-in then runs, hashed after) or there is no library."""
+    fn, vectorised = _function("merge_lora_bf16_in_turn"), _function("merge_lora_vectorised")
+    return fn if fn is not None and vectorised is not None and vectorised() else None
 
 
 def library() -> Optional[ctypes.CDLL]:

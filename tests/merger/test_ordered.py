@@ -4,6 +4,7 @@ and digests as the writer's hashing, every byte in order, failures that stop eve
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import threading
 import time
@@ -39,10 +40,14 @@ def _files_sha256(folder):
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("shard_size,chunk", [("2GB", 1 << 19), ("8KB", 1 << 19), ("2GB", 100)])
-def test_same_files_and_digests_as_the_writers_hash(tmp_path, monkeypatch, kernel, sha, shard_size, chunk):
-    """One shard; many, some holding one tensor; one row a chunk (many chunks per tensor)."""
+@pytest.mark.parametrize("isa", [2, 0])  # merge and hash in one call where the turn is ours; GEMM, then hash
+@pytest.mark.parametrize("shard_size,chunk", [("2GB", 1 << 19), ("8KB", 1 << 19), ("2GB", 100), ("20KB", 100)])
+def test_same_files_and_digests_as_the_writers_hash(tmp_path, monkeypatch, kernel, sha, shard_size, chunk, isa):
+    """One shard; many, some holding one tensor; one row a chunk (many chunks per tensor), in one
+    shard (the workers share it turn by turn) and in many (side by side)."""
     monkeypatch.setattr(ordered.fast, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(ctypes.c_int.in_dll(native.library(), "merge_lora_isa"), "value", isa)
+    assert isa != 0 or native.merge_lora_bf16_in_turn() is None
     base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
     adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=12, target_modules="all-linear")
     opts = MergeOptions(shard_size=shard_size)
@@ -54,7 +59,7 @@ def test_same_files_and_digests_as_the_writers_hash(tmp_path, monkeypatch, kerne
     assert plain.provenance["resources"]["output_sha256"] == "by the writer's hash thread"
     digests = fast.provenance["output"]["shards_sha256"]
     assert len(digests) == (1 if shard_size == "2GB" else len(_files_sha256(tmp_path / "plain")))
-    assert shard_size == "2GB" or len(digests) > 3
+    assert shard_size == "2GB" or len(digests) > 2
     assert digests == _files_sha256(tmp_path / "ordered") == _files_sha256(tmp_path / "plain")
     assert digests == plain.provenance["output"]["shards_sha256"]
     assert fast.rounding == plain.rounding  # every chunk's sums counted
@@ -150,15 +155,15 @@ def test_a_worker_that_fails_releases_the_one_waiting_for_its_turn(tmp_path, mon
     that worker to give up (turn[1]), or it would spin for ever."""
     base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
     adapter = make_adapter(base, tmp_path / "adapter", r=4, target_modules="all-linear")
-    real = ordered._Pass._compute
+    real = ordered._Pass._step
 
-    def compute(self, k, u, t, scratch):
+    def step(self, k, u, t, s, scratch):
         if k == 4:
             time.sleep(0.5)
             raise NonFiniteError("merged tensor x has NaN/Inf values", "test")
-        return real(self, k, u, t, scratch)
+        return real(self, k, u, t, s, scratch)
 
-    monkeypatch.setattr(ordered._Pass, "_compute", compute)
+    monkeypatch.setattr(ordered._Pass, "_step", step)
     errors = []
     run = threading.Thread(target=lambda: errors.append(_raises(lambda: merge(base, [adapter], tmp_path / "out"))),
                            daemon=True)
@@ -215,3 +220,79 @@ def test_libcrypto_that_disagrees_with_hashlib_is_not_used(monkeypatch):
     monkeypatch.setattr(sha256_ctx, "_loaded", {})
     monkeypatch.setattr(sha256_ctx.ctypes.util, "find_library", lambda name: None)
     assert sha256_ctx.load() is None and "libcrypto not found" in sha256_ctx.last_error
+
+
+@pytest.mark.parametrize("rows,cols", [(97, 1000), (64, 256), (3, 7), (0, 16)])
+def test_merge_and_hash_in_one_call_same_bits_sums_and_digest(sha, lora_kernel, rows, cols):
+    """merge_lora_bf16_in_turn, whether the turn is already the caller's (rows hashed as computed,
+    ~every 32 KiB: several updates for 97 x 1000) or passed on later by another thread (computed,
+    then hashed in turn): the output and sums of merge_lora_bf16, and the digest of exactly those bytes."""
+    fused = native.merge_lora_bf16_in_turn()
+    if fused is None:
+        pytest.skip("no vector routine for merge_lora_bf16 here")
+    g = np.random.default_rng(rows + cols)
+    rank = 8
+    L = g.standard_normal((rows, rank), dtype=np.float32) * 0.05
+    R = g.standard_normal((rank, cols), dtype=np.float32) * 0.02
+    base = g.integers(0x3000, 0x3f00, (rows, cols), dtype=np.uint16)
+    work = np.empty(4 * max(cols, 1), dtype=np.float32)
+    want = np.empty_like(base)
+    want_sums, want_same = np.zeros(2), np.zeros(1, dtype=np.int64)
+    lora_kernel(base.ctypes.data, L.ctypes.data, R.ctypes.data, rank, rows, cols, work.ctypes.data, want.ctypes.data,
+                want_sums.ctypes.data, want_same.ctypes.data)
+    header = b"previous step"
+    for ours in (True, False):
+        out = np.full_like(base, 0xFFFF)
+        sums, same = np.zeros(2), np.zeros(1, dtype=np.int64)
+        turn = np.array([0 if ours else -1, 0], dtype=np.int64)  # not ours: step -1 is still hashing
+        ctx = sha.new(header)
+        result = []
+        t = threading.Thread(target=lambda: result.append(fused(
+            base.ctypes.data, L.ctypes.data, R.ctypes.data, rank, rows, cols, work.ctypes.data, out.ctypes.data,
+            sums.ctypes.data, same.ctypes.data, turn.ctypes.data, 0, sha.update_address, ctx.address)))
+        t.start()
+        if not ours:
+            t.join(timeout=0.3)
+            assert t.is_alive() and turn[0] == -1  # computed, waiting for its turn
+            turn[0] = 0
+        t.join(timeout=30)
+        assert result == [0] and turn[0] == 1
+        assert np.array_equal(out, want)
+        assert np.array_equal(sums, want_sums) and same[0] == want_same[0]
+        assert ctx.hexdigest() == hashlib.sha256(header + want.tobytes()).hexdigest()
+
+
+def test_merge_and_hash_in_one_call_gives_up_when_told(sha, lora_kernel):
+    fused = native.merge_lora_bf16_in_turn()
+    if fused is None:
+        pytest.skip("no vector routine for merge_lora_bf16 here")
+    L, R = np.zeros((4, 2), dtype=np.float32), np.zeros((2, 8), dtype=np.float32)
+    base, out, work = np.zeros((4, 8), dtype=np.uint16), np.zeros((4, 8), dtype=np.uint16), np.zeros(32, dtype=np.float32)
+    sums, same = np.zeros(2), np.zeros(1, dtype=np.int64)
+    ctx = sha.new()
+    for turn in (np.array([0, 1], dtype=np.int64), np.array([5, 1], dtype=np.int64)):  # ours or not: aborted
+        assert fused(base.ctypes.data, L.ctypes.data, R.ctypes.data, 2, 4, 8, work.ctypes.data, out.ctypes.data,
+                     sums.ctypes.data, same.ctypes.data, turn.ctypes.data, 0, sha.update_address, ctx.address) == -1
+        assert turn[0] in (0, 5)  # not passed on
+
+
+def _bare_pass(nexts, ends, on):
+    p = object.__new__(ordered._Pass)
+    p.next, p.end, p.on = list(nexts), list(ends), list(on)
+    return p
+
+
+def test_a_worker_keeps_its_shard_then_takes_one_nobody_hashes_then_shares():
+    """Shards are hashed side by side (one sha256 stream each): a worker stays on its shard while it
+    has steps; then takes the first shard no worker is on; then joins the one with most steps left."""
+    p = _bare_pass(nexts=[3, 10, 20, 30], ends=[10, 20, 30, 40], on=[1, 1, 0, 0])
+    assert p._lane(0) == 0 and p._lane(1) == 1
+    assert p._lane(None) == 2  # a new worker: the first shard nobody is on
+    p = _bare_pass(nexts=[10, 12, 20, 30], ends=[10, 20, 30, 40], on=[1, 1, 0, 0])
+    assert p._lane(0) == 2  # shard 0 done: not shard 1 (another worker's), shard 2
+    p = _bare_pass(nexts=[10, 12, 25, 40], ends=[10, 20, 30, 40], on=[1, 1, 0, 0])
+    assert p._lane(0) == 2  # no worker on shard 2 (steps left), though shard 1 has more
+    p = _bare_pass(nexts=[10, 12, 25, 40], ends=[10, 20, 30, 40], on=[1, 1, 1, 0])
+    assert p._lane(0) == 1  # every shard with steps has a worker: the one with most left (8 > 5)
+    p = _bare_pass(nexts=[10, 20], ends=[10, 20], on=[1, 1])
+    assert p._lane(0) is None and p._lane(None) is None
