@@ -22,9 +22,9 @@ from merger.core import fast
 from merger.core.combine import METHODS
 from merger.core.plan import PlanOptions, build_plan, step_tensors
 from merger.errors import InputError, OutputError
-from merger.io.adapter import load_adapter
+from merger.io.adapter import load_adapter, sha256_file
 from merger.io.checkpoint import Checkpoint
-from merger.io.early import EarlyBase
+from merger.io.early import EarlyBase, EarlyFiles
 from merger.io.writer import StreamingShardWriter, index_json, parse_size, plan_shards, OutTensor
 from merger import provenance
 from switchyard.files import replace_dir
@@ -81,19 +81,22 @@ def default_out_name(base: Path, adapter_name: str, adapter_sha: str, dtype: str
 
 
 def merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeOptions = MergeOptions(),
-          progress: Optional[Callable[[str, int, int], None]] = None, early: Optional[EarlyBase] = None) -> MergeResult:
+          progress: Optional[Callable[[str, int, int], None]] = None, early: Optional[EarlyBase] = None,
+          early_files: Optional[EarlyFiles] = None) -> MergeResult:
     """Merge `adapters` into `base`, writing a standard checkpoint to `out` (None: the default name
     beside the base). `progress(name, done_bytes, total_bytes)` is called after each tensor.
-    `early`: the base's read-ahead, started by the caller before it imported torch (else started here)."""
+    `early`: the base's read-ahead, started by the caller before it imported torch (else started here);
+    `early_files`: the adapters' weights hashed ahead, likewise (else hashed when loaded)."""
     try:
-        return _merge(Path(base), adapters, out, options, progress, early)
+        return _merge(Path(base), adapters, out, options, progress, early, early_files)
     finally:
         if early is not None:
             early.stop()  # a no-op once finished; ends its thread after an error
 
 
 def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: MergeOptions,
-           progress: Optional[Callable[[str, int, int], None]], early: Optional[EarlyBase]) -> MergeResult:
+           progress: Optional[Callable[[str, int, int], None]], early: Optional[EarlyBase],
+           early_files: Optional[EarlyFiles] = None) -> MergeResult:
     start, t0 = datetime.now(timezone.utc), time.perf_counter()
     _return_freed_memory()
     if not adapters:
@@ -110,13 +113,13 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
     kernel = _torch_free_kernel(options, len(adapters))
     loaded = plan = None
     if kernel is not None:  # the common case, without torch (merger/core/fast.py), if the plan allows
-        loaded = _load_adapters(adapters, options, "numpy")
+        loaded = _load_adapters(adapters, options, "numpy", early_files)
         plan = _plan(ckpt, base_config, loaded, options) if loaded is not None else None
         if plan is not None and not all(fast.eligible(t) for t in plan.tasks):
             plan = None
     if plan is None:  # the torch path
         kernel = None
-        loaded = _load_adapters(adapters, options, "torch")
+        loaded = _load_adapters(adapters, options, "torch", early_files)
         plan = _plan(ckpt, base_config, loaded, options)
     if out is None:
         label = options.dtype if options.dtype != "auto" else "auto"
@@ -235,9 +238,10 @@ def _ordered_pass(kernel):
     return (in_turn, sha, fused) if in_turn is not None and sha is not None else None
 
 
-def _load_adapters(adapters: list, options: MergeOptions, arrays: str):
+def _load_adapters(adapters: list, options: MergeOptions, arrays: str, early_files: Optional[EarlyFiles] = None):
     """The adapters as torch tensors, or numpy arrays (None if one cannot be viewed so)."""
-    loaded = [load_adapter(Path(a), options.allow_pickle, arrays) for a in adapters]
+    sha256 = early_files.sha256 if early_files is not None else sha256_file
+    loaded = [load_adapter(Path(a), options.allow_pickle, arrays, sha256) for a in adapters]
     if any(l is None for l in loaded):
         return None
     names = [l.parsed.name for l in loaded]

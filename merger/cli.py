@@ -27,10 +27,12 @@ def merge_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Merge LoRA adapter(s) into a base checkpoint, exactly, streaming tensor by tensor."""
-    from merger.io.early import EarlyBase
+    from merger.io.early import EarlyBase, EarlyFiles
 
-    # first, so a first merge of this base hashes it on the second core while the rest starts (and
-    # imports torch, ~1 s, unless the merge takes the torch-free path of merger/core/fast.py)
+    # first, so the adapters' weights, and a first merge's base, are hashed on the second core while
+    # the rest starts (and imports torch, ~1 s, unless the merge takes the torch-free path of
+    # merger/core/fast.py)
+    early_files = EarlyFiles.start([Path(a) / "adapter_model.safetensors" for a in adapters])
     early = EarlyBase.start(base)
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -50,7 +52,7 @@ def merge_command(
             count[0] += 1
             bar.update(job, completed=done, total=total, tensors=count[0])
 
-        result = merge(base, list(adapters), out, options, progress=progress, early=early)
+        result = merge(base, list(adapters), out, options, progress=progress, early=early, early_files=early_files)
     for note in result.notes:
         console.print(f"note: {note}")
     r = result.rounding

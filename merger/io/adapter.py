@@ -15,7 +15,7 @@ import json
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from merger.core.adapter_config import parse_adapter_config
 from merger.core.lora import ParsedAdapter, parse_adapter
@@ -113,9 +113,11 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
-def load_adapter(path: Path, allow_pickle: bool = False, arrays: str = "torch") -> Optional[LoadedAdapter]:
+def load_adapter(path: Path, allow_pickle: bool = False, arrays: str = "torch",
+                 sha256: Callable[[Path], str] = sha256_file) -> Optional[LoadedAdapter]:
     """`arrays`: "torch", or "numpy" for the torch-free merge (merger/core/fast.py), which returns None
-    where numpy cannot view the weights (a pickle, a dtype numpy lacks): load it with torch then."""
+    where numpy cannot view the weights (a pickle, a dtype numpy lacks): load it with torch then.
+    `sha256`: hashes the weights file (merger/io/early.py's EarlyFiles: hashed ahead)."""
     path = Path(path)
     cfg_file = path / "adapter_config.json"
     if not cfg_file.exists():
@@ -139,7 +141,7 @@ def load_adapter(path: Path, allow_pickle: bool = False, arrays: str = "torch") 
                 raise _nonfinite(path, info.name)
         pages.release_all()  # the check read every page; the merge reads them again module by module
         parsed = parse_adapter(path.name, config, pages.tensors(header, "numpy"))
-        return LoadedAdapter(path, st_file, sha256_file(st_file), raw, parsed, pages)
+        return LoadedAdapter(path, st_file, sha256(st_file), raw, parsed, pages)
     import torch
 
     from merger.core.apply import all_finite
@@ -176,4 +178,4 @@ def load_adapter(path: Path, allow_pickle: bool = False, arrays: str = "torch") 
     if pages is not None:
         pages.release_all()  # the check read every page; the merge reads them again module by module
     parsed = parse_adapter(path.name, config, tensors)
-    return LoadedAdapter(path, weights, sha256_file(weights), raw, parsed, pages)
+    return LoadedAdapter(path, weights, sha256(weights), raw, parsed, pages)

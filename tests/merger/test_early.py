@@ -104,3 +104,43 @@ def test_the_merge_command_starts_it_before_importing_torch(base, tmp_path, monk
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "out" / "switchyard.json").exists()
+
+
+def test_early_files_hash_ahead_and_fall_back_to_hashing_now(tmp_path, monkeypatch):
+    """The adapters' weights hashed in a thread of their own; a file it could not read, or was not
+    given, is hashed on the caller's thread, which then raises what reading it raises."""
+    from merger.io import early as early_mod
+
+    a, b, empty = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "empty"
+    a.write_bytes(b"a" * 100_000)
+    b.write_bytes(b"b" * 10)
+    empty.write_bytes(b"")
+    files = early_mod.EarlyFiles.start([a, tmp_path / "missing", empty])
+    files._thread.join(timeout=30)
+    assert files._digests == {a: hashlib.sha256(b"a" * 100_000).hexdigest(), empty: hashlib.sha256(b"").hexdigest()}
+    calls = []
+    real = early_mod._sha256_mapped
+    monkeypatch.setattr(early_mod, "_sha256_mapped", lambda p: calls.append(p) or real(p))
+    assert files.sha256(a) == hashlib.sha256(b"a" * 100_000).hexdigest() and calls == []  # hashed ahead
+    assert files.sha256(b) == hashlib.sha256(b"b" * 10).hexdigest() and calls == [b]  # not given: now
+    with pytest.raises(FileNotFoundError):
+        files.sha256(tmp_path / "missing")
+
+
+def test_a_merge_records_the_adapter_hash_the_early_thread_computed(tmp_path):
+    import torch
+
+    from merger.api import merge
+    from merger.io.early import EarlyFiles
+
+
+    base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    weights = adapter / "adapter_model.safetensors"
+    files = EarlyFiles.start([weights])
+    files._thread.join(timeout=30)
+    files._digests[weights] = "e" * 64  # what the thread computed is what is recorded
+    res = merge(base, [adapter], tmp_path / "out", early_files=files)
+    assert res.provenance["adapters"][0]["sha256"] == "e" * 64
+    plain = merge(base, [adapter], tmp_path / "plain")
+    assert plain.provenance["adapters"][0]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
