@@ -30,3 +30,18 @@ def test_merge_command_output_arrives_and_the_checkpoint_is_complete(tmp_path):
     prov = json.loads((out / "switchyard.json").read_text())
     assert set(prov["output"]["shards_sha256"]) == {"model.safetensors"}
     assert "model.layers.0.self_attn.q_proj.weight" in load_file(out / "model.safetensors")
+
+
+def test_quiet_merge_imports_no_rich_and_the_bar_merge_completes(tmp_path):
+    base = tiny_model(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    code = ("import sys; from switchyard.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('rich imported:', 'rich' in sys.modules)")
+    for quiet in (True, False):
+        out = tmp_path / f"out-{quiet}"
+        proc = subprocess.run([sys.executable, "-c", code, "merge", str(base), str(adapter), "--out", str(out)]
+                              + (["--quiet"] if quiet else []), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert f"rich imported: {not quiet}" in proc.stdout and "merged " in proc.stdout
+        assert (out / "switchyard.json").exists()
