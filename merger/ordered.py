@@ -15,9 +15,10 @@ Two writer threads write each tensor once hashed (merger/io/writer.py, O_DIRECT 
 shard each, so the disk works beside both workers with two writes in flight. docs/benchmarks.md
 (Merge, eleventh and twelfth sessions) has the measurements.
 
-Memory: at most `depth` merged tensors' outputs exist (a worker that needs another waits, outside
-the step lock, until a writer hands one back); copied tensors are checked, hashed and written from
-the map in slices whose pages are dropped once written.
+Memory: what is hashed and not yet written (merged outputs, whole; copied tensors' slices, checked
+and hashed in the map, whose pages are dropped once written) stays within a byte budget of `depth`
+merged tensors (`depth_for`); a worker that needs more waits, outside the step lock, for the writers,
+which are only ever handed what is hashed, so they never wait for a worker.
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ from merger.io.sha256_ctx import Sha256Lib
 from merger.io.writer import ShardPlan, StreamingShardWriter
 
 SLICE_BYTES = 8 << 20  # copied tensors are checked, hashed and written in slices this size
-IN_FLIGHT_BYTES = 256 << 20  # merged outputs held at once: 2 to 4 tensors, as their size allows
+IN_FLIGHT_BYTES = 256 << 20  # merged outputs held at once: 2 to MAX_DEPTH tensors, as their size allows
 WRITERS = 2  # threads writing shards side by side
-MIN_DEPTH, MAX_DEPTH = 2, 4  # 4 against 2: -0.1 s on the 1.1B shape (workers waited for the writer)
+# two lanes (a shard each) share the budget: 6 or 8 against 4 was -0.1 to -0.2 s on the 1.1B shape
+# (workers waited for the writers; 6 and 8 alike once copied slices counted), 4 against 2 -0.1 s
+# before there were lanes
+MIN_DEPTH, MAX_DEPTH = 2, 6
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,42 @@ def units(tasks: list[TensorTask], nbytes: list[int], shards: list[ShardPlan]) -
     return out
 
 
-def depth_for(largest: int) -> int:
-    """Merged tensors in flight, given the largest one's bytes (pure)."""
-    return max(MIN_DEPTH, min(MAX_DEPTH, IN_FLIGHT_BYTES // max(1, largest)))
+def depth_for(largest: int, largest_any: int = 0) -> int:
+    """Merged tensors in flight, given the largest one's bytes and the largest tensor's in the model
+    (pure). Within IN_FLIGHT_BYTES, and within the merge's memory bound (2 x the largest tensor + the
+    adapter + the interpreter): beside the outputs in flight, each worker holds at most one merged
+    tensor's base pages (dropped once it is hashed), so depth + 2 merged tensors fit in 2 x the largest."""
+    largest = max(1, largest)
+    fits = 2 * max(largest_any, largest) // largest - 2
+    return max(MIN_DEPTH, min(MAX_DEPTH, IN_FLIGHT_BYTES // largest, fits))
+
+
+class _Budget:
+    """Bytes in flight (merged outputs, copied slices) between the workers that take them and the
+    writer threads that give them back once written. One request larger than the whole budget is let
+    through when nothing else is in flight."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self._cond = threading.Condition()
+
+    def try_take(self, n: int) -> bool:
+        with self._cond:
+            if self.used and self.used + n > self.total:
+                return False
+            self.used += n
+            return True
+
+    def wait(self, n: int, timeout: float) -> None:
+        """Until `n` bytes might fit, or `timeout` s."""
+        with self._cond:
+            if self.used and self.used + n > self.total:
+                self._cond.wait(timeout)
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
 
 
 class _Tensor:
@@ -93,7 +130,7 @@ class _Tensor:
 
 class _Pass:
     def __init__(self, ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, kernel, in_turn, fused,
-                 sha: Sha256Lib, depth: int) -> None:
+                 sha: Sha256Lib, budget: int) -> None:
         self.tasks, self.writer, self.kernel, self.in_turn, self.fused = list(plan.tasks), writer, kernel, in_turn, fused
         self.readers = {s.path: ShardReader(s.path) for s in ckpt.shards}
         self.infos = [ckpt.tensors[t.source] for t in self.tasks]
@@ -102,16 +139,19 @@ class _Pass:
         self.first: dict[int, int] = {}
         self.last: dict[int, int] = {}
         self.start, self.end = [0] * n, [0] * n  # each shard's steps: start..end-1, header first
-        self.order: list[list[int]] = [[] for _ in range(n)]  # each shard's tensors, in file order
         for k, u in enumerate(self.steps):
             if u.task < 0:
                 self.start[u.shard] = k
             else:
-                if u.task not in self.first:
-                    self.order[u.shard].append(u.task)
                 self.first.setdefault(u.task, k)
                 self.last[u.task] = k
             self.end[u.shard] = k + 1
+        # what the writers write, each shard's in file order, named by a step: a merged tensor's last
+        # step (all of it), or each step of a copied one (that slice)
+        self.order: list[list[int]] = [[] for _ in range(n)]
+        for k, u in enumerate(self.steps):
+            if u.task >= 0 and (k == self.last[u.task] or not self.tasks[u.task].steps):
+                self.order[u.shard].append(k)
         self.hashes = [sha.new() for _ in writer.plans]
         self.update = sha.update_address
         self.headers = [np.frombuffer(p.header, dtype=np.uint8) for p in writer.plans]
@@ -120,16 +160,17 @@ class _Pass:
         self.sums: list = [None] * len(self.steps)  # each merged step's (w2, err2, same)
         self.left = {i: self.last[i] - self.first[i] + 1 for i in self.first if self.tasks[i].steps}  # steps to finish
         self.counting = threading.Lock()
-        # each step of a copied tensor: a writer thread writes them slice by slice, as they are hashed
-        self.hashed = {k: threading.Event() for k, u in enumerate(self.steps) if u.task >= 0 and not self.tasks[u.task].steps}
-        # to the main thread: tensors hashed (an index), written ((index, stats)), or None: failed
+        # to the main thread: a write unit hashed (its step), a tensor written ((index, stats)), or None: failed
         self.ready: queue.SimpleQueue = queue.SimpleQueue()
-        # to the writer threads: shard s's tensors to lanes[s % WRITERS], in order, so two shards
-        # are written side by side (2.2 GB in 1.23-1.30 s by two `dd oflag=direct`, 1.44-1.50 s by one)
+        # to the writer threads: shard s's units to lanes[s % WRITERS], in order, so two shards are
+        # written side by side (2.2 GB in 1.23-1.30 s by two `dd oflag=direct`, 1.44-1.50 s by one).
+        # A writer never waits for a worker (it is handed only what is hashed), so workers waiting
+        # for the budget always get it back.
         self.lanes = [queue.SimpleQueue() for _ in range(WRITERS)]
+        self.streams: dict[int, object] = {}  # copied tensors being written, slice by slice
         self.live: dict[int, _Tensor] = {}
         self.buffers = BufferPool("numpy")
-        self.slots = threading.Semaphore(depth)
+        self.budget = _Budget(budget)
         self.take = threading.Lock()  # hands out steps, each shard's in order
         self.next = list(self.start)  # each shard's next step to hand out
         self.on = [0] * n  # workers on each shard
@@ -152,7 +193,6 @@ class _Pass:
     def work(self) -> None:
         scratch = fast.scratch(self.tasks)
         mine: Optional[int] = None
-        permit = False  # a slot taken while waiting outside `take`
         try:
             while True:
                 with self.take:
@@ -169,20 +209,14 @@ class _Pass:
                         return
                     k = self.next[s]
                     u = self.steps[k]
-                    needs = u.task >= 0 and k == self.first[u.task] and bool(self.tasks[u.task].steps)
-                    if needs and not permit and not self.slots.acquire(blocking=False):
-                        k = -1  # wait for the writer outside `take`: the other worker goes on meanwhile
+                    need = self._bytes(k, u)
+                    if need and not self.budget.try_take(need):
+                        k = -1  # wait for the writers outside `take`: the other worker goes on meanwhile
                     else:
-                        if permit and not needs:
-                            self.slots.release()
-                        permit = False
                         self.next[s] += 1
                         t = self._tensor(u, k)
                 if k < 0:
-                    while not self.slots.acquire(timeout=0.05):
-                        if self.error is not None:
-                            return
-                    permit = True
+                    self.budget.wait(need, 0.05)
                     continue
                 rc = self._step(k, u, t, s, scratch)
                 if rc == -1:
@@ -200,20 +234,23 @@ class _Pass:
                     if finished:
                         info = self.infos[u.task]
                         self.readers[info.shard].release(info.begin, info.end)  # read in full: now, not after the write
-                        self.ready.put(u.task)
+                        self.ready.put(self.last[u.task])
                 else:
-                    self.hashed[k].set()
-                    if k == self.first[u.task]:
-                        self.ready.put(u.task)
+                    self.ready.put(k)
         except BaseException as exc:
             self.fail(exc)
-        finally:
-            if permit:
-                self.slots.release()
+
+    def _bytes(self, k: int, u: Unit) -> int:
+        """What step k holds until written: a merged tensor's output (its first step takes all of it),
+        a copied tensor's slice (mapped pages)."""
+        if u.task < 0:
+            return 0
+        if self.tasks[u.task].steps:
+            return self.infos[u.task].nbytes if k == self.first[u.task] else 0
+        return u.hi - u.lo
 
     def _tensor(self, u: Unit, k: int) -> Optional[_Tensor]:
-        """The step's tensor, set up by its first step (under `take`, so before its other steps; a
-        merged one's slot already taken)."""
+        """The step's tensor, set up by its first step (under `take`, so before its other steps)."""
         if u.task < 0:
             return None
         if k != self.first[u.task]:
@@ -260,17 +297,14 @@ class _Pass:
             if self.error is None:
                 self.error = exc
         self.turns[:, 1] = 1  # workers waiting in hash_in_turn return
-        for e in self.hashed.values():
-            e.set()
         self.ready.put(None)
         self.stop_writing()
 
     # the main thread and the writer threads ------------------------------------------------
     def written(self):
-        """Hand each tensor, once hashed, to a writer thread (each shard's tensors in order, to one thread)
-        -> yields (tensor index, its stats or None when copied) as each is written."""
+        """Hand each write unit, once hashed, to a writer thread (each shard's in order, to one thread)
+        -> yields (tensor index, its stats or None when copied) as each tensor is written."""
         ready: set[int] = set()
-        shard_of = {i: u.shard for u in self.steps if (i := u.task) >= 0}
         pos = [0] * len(self.order)
         done = 0
         while done < len(self.tasks):
@@ -281,19 +315,23 @@ class _Pass:
                 done += 1
                 yield item
                 continue
-            ready.add(item)  # hashed (a copied tensor: its first slice)
-            s = shard_of[item]
+            ready.add(item)
+            s = self.steps[item].shard
             while pos[s] < len(self.order[s]) and self.order[s][pos[s]] in ready:
-                j = self.order[s][pos[s]]
+                k = self.order[s][pos[s]]
                 pos[s] += 1
-                ready.discard(j)
-                self.lanes[s % len(self.lanes)].put(j)
+                ready.discard(k)
+                self.lanes[s % len(self.lanes)].put(k)
 
     def write_lane(self, lane: queue.SimpleQueue) -> None:
-        """A writer thread: writes the tensors it is handed until it gets None."""
+        """A writer thread: writes the units it is handed until it gets None."""
         try:
-            while (i := lane.get()) is not None:
-                self.ready.put((i, self.write(i)))
+            while (k := lane.get()) is not None:
+                i = self.steps[k].task
+                if self.tasks[i].steps:
+                    self.ready.put((i, self.write(i)))
+                elif self._write_slice(k, i):
+                    self.ready.put((i, None))
         except BaseException as exc:
             self.fail(exc)
 
@@ -301,33 +339,28 @@ class _Pass:
         for lane in self.lanes:
             lane.put(None)
 
-    def _until_hashed(self, k: int) -> None:
-        self.hashed[k].wait()
-        if self.error is not None:
-            raise self.error
-
-    def _slices(self, i: int):
-        t = None
-        info = self.infos[i]
-        for k in range(self.first[i], self.last[i] + 1):
-            self._until_hashed(k)
-            t = t or self.live[i]
-            u = self.steps[k]
-            yield t.view[u.lo:u.hi]
-            self.readers[info.shard].release(info.begin + u.lo, info.begin + u.hi)
+    def _write_slice(self, k: int, i: int) -> bool:
+        """Write copied tensor i's slice (step k) -> whether that was the tensor's last."""
+        u, info = self.steps[k], self.infos[i]
+        if k == self.first[i]:
+            self.streams[i] = self.writer.open_tensor(self.tasks[i].name)
+        self.streams[i].write(self.live[i].view[u.lo:u.hi])
+        self.readers[info.shard].release(info.begin + u.lo, info.begin + u.hi)
+        self.budget.give(u.hi - u.lo)
+        if k != self.last[i]:
+            return False
+        self.streams.pop(i).close()
+        self.live.pop(i, None)
+        return True
 
     def write(self, i: int):
-        """Write tensor i (merged: all of it hashed; copied: as its slices are) -> its stats (None when copied)."""
+        """Write merged tensor i, all of it hashed -> its stats."""
         task = self.tasks[i]
-        if not task.steps:
-            self.writer.write_parts(task.name, self._slices(i))
-            self.live.pop(i, None)
-            return None
         # one dict operation, atomic; the worker added the entry (under `take`) before the first hash
         t = self.live.pop(i)
         self.writer.write(task.name, t.buf[:self.infos[i].nbytes])
         self.buffers.give(t.buf)
-        self.slots.release()
+        self.budget.give(self.infos[i].nbytes)
         w2 = err2 = 0.0
         same = 0
         for k in range(self.first[i], self.last[i] + 1):  # in row order: the same totals as one loop
@@ -352,9 +385,10 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
         raise AssertionError("the ordered pass needs the native kernels, eligible tasks and a writer that does not hash")
     from threadpoolctl import threadpool_limits
 
+    largest = max([ckpt.tensors[t.source].nbytes for t in plan.tasks if t.steps], default=0)
     if depth is None:
-        depth = depth_for(max([ckpt.tensors[t.source].nbytes for t in plan.tasks if t.steps], default=0))
-    p = _Pass(ckpt, plan, writer, kernel, in_turn, fused, sha, depth)
+        depth = depth_for(largest, max([ckpt.tensors[t.source].nbytes for t in plan.tasks], default=0))
+    p = _Pass(ckpt, plan, writer, kernel, in_turn, fused, sha, max(depth * largest, 2 * SLICE_BYTES))
     stats = []
     written = 0
     # numpy's BLAS on one thread for the factors' small products: the workers are the parallelism

@@ -160,6 +160,25 @@ class _OpenShard:
             self.file = None
 
 
+class TensorStream:
+    """One tensor being written in parts (StreamingShardWriter.open_tensor)."""
+
+    def __init__(self, writer: "StreamingShardWriter", i: int, shard: _OpenShard, tensor: OutTensor) -> None:
+        self._writer, self._i, self._shard, self.tensor = writer, i, shard, tensor
+        self.written = 0
+
+    def write(self, part) -> None:
+        self.written += memoryview(part).nbytes
+        if self.written > self.tensor.nbytes:
+            raise AssertionError(f"{self.tensor.name}: more than the planned {self.tensor.nbytes} B")
+        self._writer._write(self._shard, part)
+
+    def close(self) -> None:
+        if self.written != self.tensor.nbytes:
+            raise AssertionError(f"{self.tensor.name}: {self.written} B written, {self.tensor.nbytes} B planned")
+        self._writer._tensor_done(self._i, self._shard)
+
+
 class StreamingShardWriter:
     """Appends tensors to the shards of `plans` under `folder`, each shard's in its plan's order; shards
     may be written side by side, from one thread each (merger/ordered.py does); a shard is closed
@@ -227,22 +246,23 @@ class StreamingShardWriter:
     def write_parts(self, name: str, parts) -> None:
         """Tensor `name`'s planned bytes, given as consecutive parts (an iterable of bytes-like
         objects, each written before the next is asked for)."""
+        stream = self.open_tensor(name)
+        for part in parts:
+            stream.write(part)
+        stream.close()
+
+    def open_tensor(self, name: str) -> "TensorStream":
+        """Tensor `name`, written part by part as the caller has them (`write`, then `close`)."""
         if name not in self._where:
             raise AssertionError(f"writer has no tensor {name} planned")
         i, k = self._where[name]
         shard = self._shard(i)
-        expected = self.plans[i].tensors[shard.pos] if shard.pos < len(self.plans[i].tensors) else None
         if k != shard.pos:
-            raise AssertionError(f"writer expected {expected.name if expected else 'nothing'} in "
-                                 f"{self.plans[i].filename}, got {name}")
-        total = 0
-        for part in parts:
-            total += memoryview(part).nbytes
-            if total > expected.nbytes:
-                raise AssertionError(f"{name}: more than the planned {expected.nbytes} B")
-            self._write(shard, part)
-        if total != expected.nbytes:
-            raise AssertionError(f"{name}: {total} B written, {expected.nbytes} B planned")
+            expected = self.plans[i].tensors[shard.pos].name if shard.pos < len(self.plans[i].tensors) else "nothing"
+            raise AssertionError(f"writer expected {expected} in {self.plans[i].filename}, got {name}")
+        return TensorStream(self, i, shard, self.plans[i].tensors[k])
+
+    def _tensor_done(self, i: int, shard: _OpenShard) -> None:
         shard.pos += 1
         if shard.pos == len(self.plans[i].tensors):
             self._finish(i)
