@@ -180,7 +180,7 @@ def _merge(base: Path, adapters: list[Path], out: Optional[Path], options: Merge
         _copy_side_files(base, tmp, base_config, plan, options)
         rounding = provenance.rounding_summary(result.stats, options.dtype)
         end = datetime.now(timezone.utc)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = provenance.peak_rss_bytes()
         prov = {
             "schema": provenance.SCHEMA,
             "base": {"path": str(base.resolve()), "hub_commit": commit,

@@ -59,6 +59,22 @@ def remember_hashes(paths: dict[Path, str]) -> None:
         pass
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: the high-water mark of its own address space (VmHWM).
+    Not ru_maxrss: on Linux that keeps the parent's peak across fork + exec, so a merge started by a
+    large process (pytest, a server) reported the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def library_versions() -> dict[str, str]:
     from importlib import metadata
 

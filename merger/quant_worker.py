@@ -94,8 +94,16 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_mib() -> float:
-    # ru_maxrss is KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """VmHWM, not ru_maxrss, which on Linux keeps the parent's peak across fork + exec (as
+    merger/provenance.py's peak_rss_bytes; this worker runs in the quantize environment, apart)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 # --- the edges: everything below needs torch / transformers / llm-compressor ----------------------------
