@@ -23,6 +23,7 @@ which are only ever handed what is hashed, so they never wait for a worker.
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ import numpy as np
 from merger.core import fast
 from merger.core.plan import MergePlan, TensorTask
 from merger.errors import NonFiniteError
-from merger.executor import BufferPool, ExecutionResult
+from merger.executor import ExecutionResult
 from merger.io.checkpoint import Checkpoint, ShardReader, has_nonfinite
 from merger.io.sha256_ctx import Sha256Lib
 from merger.io.writer import ShardPlan, StreamingShardWriter
@@ -91,32 +92,57 @@ def depth_for(largest: int, largest_any: int = 0) -> int:
     return max(MIN_DEPTH, min(MAX_DEPTH, IN_FLIGHT_BYTES // largest, fits))
 
 
-class _Budget:
-    """Bytes in flight (merged outputs, copied slices) between the workers that take them and the
-    writer threads that give them back once written. One request larger than the whole budget is let
-    through when nothing else is in flight."""
+class _Memory:
+    """What the pass holds between its workers and its writers, within `total` bytes: merged outputs
+    (in flight, or kept for a later tensor of the same size: fresh pages cost a fault and a zeroing
+    each) and copied slices in flight. A kept buffer that is in the way is let go; one request larger
+    than `total` is let through when nothing else is held."""
 
     def __init__(self, total: int) -> None:
         self.total, self.used = total, 0
+        self._kept: dict[int, list] = {}  # nbytes -> buffers (counted in `used`)
         self._cond = threading.Condition()
 
-    def try_take(self, n: int) -> bool:
+    def buffer(self, n: int) -> Optional[np.ndarray]:
+        """An output buffer of n bytes (page-aligned, for O_DIRECT), or None while it does not fit."""
         with self._cond:
-            if self.used and self.used + n > self.total:
+            if self._kept.get(n):
+                return self._kept[n].pop()
+            if not self._fits(n):
+                return None
+            self.used += n
+        return np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype=np.uint8)
+
+    def take(self, n: int) -> bool:
+        with self._cond:
+            if not self._fits(n):
                 return False
             self.used += n
             return True
 
-    def wait(self, n: int, timeout: float) -> None:
-        """Until `n` bytes might fit, or `timeout` s."""
+    def _fits(self, n: int) -> bool:
+        while self.used and self.used + n > self.total:
+            size = next((size for size, bufs in self._kept.items() if bufs), None)
+            if size is None:
+                return False
+            self._kept[size].pop()  # unmapped with its last reference
+            self.used -= size
+        return True
+
+    def keep(self, buf: np.ndarray) -> None:
+        """A merged output, written: kept for reuse."""
         with self._cond:
-            if self.used and self.used + n > self.total:
-                self._cond.wait(timeout)
+            self._kept.setdefault(buf.nbytes, []).append(buf)
+            self._cond.notify_all()
 
     def give(self, n: int) -> None:
         with self._cond:
             self.used -= n
             self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
 
 
 class _Tensor:
@@ -169,8 +195,7 @@ class _Pass:
         self.lanes = [queue.SimpleQueue() for _ in range(WRITERS)]
         self.streams: dict[int, object] = {}  # copied tensors being written, slice by slice
         self.live: dict[int, _Tensor] = {}
-        self.buffers = BufferPool("numpy")
-        self.budget = _Budget(budget)
+        self.memory = _Memory(budget)
         self.take = threading.Lock()  # hands out steps, each shard's in order
         self.next = list(self.start)  # each shard's next step to hand out
         self.on = [0] * n  # workers on each shard
@@ -209,14 +234,19 @@ class _Pass:
                         return
                     k = self.next[s]
                     u = self.steps[k]
-                    need = self._bytes(k, u)
-                    if need and not self.budget.try_take(need):
+                    buf = None
+                    if u.task >= 0 and k == self.first[u.task] and self.tasks[u.task].steps:
+                        buf = self.memory.buffer(self.infos[u.task].nbytes)
+                        room = buf is not None
+                    else:
+                        room = u.task < 0 or bool(self.tasks[u.task].steps) or self.memory.take(u.hi - u.lo)
+                    if not room:
                         k = -1  # wait for the writers outside `take`: the other worker goes on meanwhile
                     else:
                         self.next[s] += 1
-                        t = self._tensor(u, k)
+                        t = self._tensor(u, k, buf)
                 if k < 0:
-                    self.budget.wait(need, 0.05)
+                    self.memory.wait(0.05)
                     continue
                 rc = self._step(k, u, t, s, scratch)
                 if rc == -1:
@@ -226,31 +256,28 @@ class _Pass:
                 if u.task < 0:
                     continue
                 if t.factors is not None:
+                    # its base rows are read: their pages go now, not with the tensor (each worker on
+                    # a tensor of its own held two 117 MB tensors' pages on the 8B shape). Rounded out
+                    # to whole pages: a neighbour's page the other worker still reads comes back
+                    # from the page cache.
+                    info, row = self.infos[u.task], self.infos[u.task].nbytes // max(1, self.tasks[u.task].shape[0])
+                    self.readers[info.shard].release(info.begin + u.lo * row, info.begin + u.hi * row)
                     # the step that finishes a tensor, not its last: the turn may pass on (in C)
                     # before the previous step's worker has stored its sums
                     with self.counting:
                         self.left[u.task] -= 1
                         finished = not self.left[u.task]
                     if finished:
-                        info = self.infos[u.task]
-                        self.readers[info.shard].release(info.begin, info.end)  # read in full: now, not after the write
+                        self.readers[info.shard].release(info.begin, info.end)  # pages faulted back in
                         self.ready.put(self.last[u.task])
                 else:
                     self.ready.put(k)
         except BaseException as exc:
             self.fail(exc)
 
-    def _bytes(self, k: int, u: Unit) -> int:
-        """What step k holds until written: a merged tensor's output (its first step takes all of it),
-        a copied tensor's slice (mapped pages)."""
-        if u.task < 0:
-            return 0
-        if self.tasks[u.task].steps:
-            return self.infos[u.task].nbytes if k == self.first[u.task] else 0
-        return u.hi - u.lo
-
-    def _tensor(self, u: Unit, k: int) -> Optional[_Tensor]:
-        """The step's tensor, set up by its first step (under `take`, so before its other steps)."""
+    def _tensor(self, u: Unit, k: int, buf: Optional[np.ndarray]) -> Optional[_Tensor]:
+        """The step's tensor, set up by its first step (under `take`, so before its other steps);
+        `buf`: a merged tensor's output buffer."""
         if u.task < 0:
             return None
         if k != self.first[u.task]:
@@ -258,7 +285,7 @@ class _Pass:
         task, info = self.tasks[u.task], self.infos[u.task]
         t = _Tensor(self.readers[info.shard].view(info))
         if task.steps:
-            t.buf = self.buffers.take(info.nbytes)
+            t.buf = buf
             t.base = np.frombuffer(t.view, dtype=np.uint16).reshape(task.shape)
             t.out = t.buf[:info.nbytes].view(np.uint16).reshape(task.shape)
             t.factors = fast.factors(task)
@@ -346,7 +373,7 @@ class _Pass:
             self.streams[i] = self.writer.open_tensor(self.tasks[i].name)
         self.streams[i].write(self.live[i].view[u.lo:u.hi])
         self.readers[info.shard].release(info.begin + u.lo, info.begin + u.hi)
-        self.budget.give(u.hi - u.lo)
+        self.memory.give(u.hi - u.lo)
         if k != self.last[i]:
             return False
         self.streams.pop(i).close()
@@ -359,8 +386,7 @@ class _Pass:
         # one dict operation, atomic; the worker added the entry (under `take`) before the first hash
         t = self.live.pop(i)
         self.writer.write(task.name, t.buf[:self.infos[i].nbytes])
-        self.buffers.give(t.buf)
-        self.budget.give(self.infos[i].nbytes)
+        self.memory.keep(t.buf)
         w2 = err2 = 0.0
         same = 0
         for k in range(self.first[i], self.last[i] + 1):  # in row order: the same totals as one loop

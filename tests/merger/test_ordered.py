@@ -314,7 +314,7 @@ def test_hashed_but_unwritten_bytes_stay_within_the_budget_when_the_disk_is_slow
             state["max"] = max(state["max"], state["now"])
             state["request"] = max(state["request"], n)
 
-    real_init, real_step, real_slice, real_write = (ordered._Budget.__init__, ordered._Pass._step,
+    real_init, real_step, real_slice, real_write = (ordered._Memory.__init__, ordered._Pass._step,
                                                      ordered._Pass._write_slice, ordered._Pass.write)
 
     def init(self, total):
@@ -343,7 +343,7 @@ def test_hashed_but_unwritten_bytes_stay_within_the_budget_when_the_disk_is_slow
         time.sleep(0.002)
         real_io(self, shard, data)
 
-    monkeypatch.setattr(ordered._Budget, "__init__", init)
+    monkeypatch.setattr(ordered._Memory, "__init__", init)
     monkeypatch.setattr(ordered._Pass, "_step", step)
     monkeypatch.setattr(ordered._Pass, "_write_slice", write_slice)
     monkeypatch.setattr(ordered._Pass, "write", write)
@@ -353,3 +353,33 @@ def test_hashed_but_unwritten_bytes_stay_within_the_budget_when_the_disk_is_slow
     assert state["now"] == 0 and len(totals) == 1
     # counted just after the budget's take and give: one request more may show
     assert 0 < state["max"] <= totals[0] + state["request"], (state["max"], totals[0], state["request"])
+
+
+def test_memory_keeps_written_outputs_for_reuse_within_its_total():
+    """Written outputs are kept for the next tensor of their size (fresh pages cost a fault and a
+    zeroing each), but counted: what is kept, in flight or not, stays within the total; kept buffers
+    in the way of a request are let go; one request larger than the total passes when nothing is held."""
+    mem = ordered._Memory(100)
+    a = mem.buffer(40)
+    b = mem.buffer(40)
+    assert a is not None and b is not None and mem.used == 80
+    assert a.ctypes.data % 4096 == 0  # page-aligned, for O_DIRECT
+    assert mem.buffer(40) is None and not mem.take(30)  # in flight: no room
+    assert mem.take(20) and mem.used == 100
+    mem.give(20)
+    mem.keep(a)
+    assert mem.used == 80  # kept, still counted
+    assert mem.buffer(40) is a and mem.used == 80  # reused, not counted twice
+    mem.keep(a)
+    mem.keep(b)
+    c = mem.buffer(60)  # a new size: kept buffers make room (one goes: 40 + 60 fits)
+    assert c is not None and mem.used == 100
+    assert mem.take(1) and mem.used == 61  # the other kept one goes
+    mem.give(1)
+    mem.keep(c)
+    assert mem.used == 60 and mem.take(90) and mem.used == 90  # kept buffers go until it fits
+    mem.give(90)
+    assert mem.used == 0
+    big = ordered._Memory(10)
+    assert big.buffer(50) is not None and big.used == 50  # alone: let through
+    assert not big.take(1)
