@@ -38,7 +38,7 @@ from merger.errors import NonFiniteError
 from merger.executor import ExecutionResult
 from merger.io.checkpoint import Checkpoint, ShardReader, has_nonfinite
 from merger.io.sha256_ctx import Sha256Lib
-from merger.io.writer import ShardPlan, StreamingShardWriter
+from merger.io.writer import ShardPlan, StreamingShardWriter, TensorStream
 
 SLICE_BYTES = 8 << 20  # copied tensors are checked, hashed and written in slices this size
 IN_FLIGHT_BYTES = 256 << 20  # merged outputs held at once: 2 to MAX_DEPTH tensors, as their size allows
@@ -193,7 +193,7 @@ class _Pass:
         # A writer never waits for a worker (it is handed only what is hashed), so workers waiting
         # for the budget always get it back.
         self.lanes = [queue.SimpleQueue() for _ in range(WRITERS)]
-        self.streams: dict[int, object] = {}  # copied tensors being written, slice by slice
+        self.streams: dict[int, TensorStream] = {}  # copied tensors being written, slice by slice
         self.live: dict[int, _Tensor] = {}
         self.memory = _Memory(budget)
         self.take = threading.Lock()  # hands out steps, each shard's in order
@@ -405,8 +405,9 @@ def execute(ckpt: Checkpoint, plan: MergePlan, writer: StreamingShardWriter, *, 
             on_tensor: Callable[[TensorTask, int], None] = lambda task, nbytes: None,
             release: Callable[[TensorTask], None] = lambda task: None) -> ExecutionResult:
     """Run `plan` (every task `fast.eligible`) with merger/native's `kernel` (merge_lora_bf16) and
-    `in_turn` (hash_in_turn), or `fused` (merge_lora_bf16_in_turn, both in one) where given; `writer` must not hash (`hashing=False`): the output's sha256 is computed
-    here. `release(task)` runs once the task's output is written."""
+    `in_turn` (hash_in_turn), or `fused` (merge_lora_bf16_in_turn: both in one) where given; `writer`
+    must not hash (`hashing=False`): the output's sha256 is computed here. `release(task)` runs once
+    the task's output is written."""
     if kernel is None or in_turn is None or writer.hashing or not all(fast.eligible(t) for t in plan.tasks):
         raise AssertionError("the ordered pass needs the native kernels, eligible tasks and a writer that does not hash")
     from threadpoolctl import threadpool_limits
