@@ -92,8 +92,8 @@ def test_depth_follows_the_largest_tensor():
     mb = 1 << 20
     assert ordered.depth_for(22 * mb, 125 * mb) == ordered.MAX_DEPTH  # 1.1B: 22 MiB MLP, 125 MiB embedding
     assert ordered.depth_for(22 * mb, 55 * mb) == 3  # 3 + 2 tensors of 22 MiB in 2 x 55 MiB
-    assert ordered.depth_for(112 * mb, 1002 * mb) == ordered.MIN_DEPTH  # 8B shape: IN_FLIGHT_BYTES
-    assert ordered.depth_for(80 * mb, 1000 * mb) == 3
+    assert ordered.depth_for(112 * mb, 1002 * mb) == 4  # 8B shape: IN_FLIGHT_BYTES
+    assert ordered.depth_for(200 * mb, 2000 * mb) == ordered.MIN_DEPTH
     assert ordered.depth_for(22 * mb, 22 * mb) == ordered.MIN_DEPTH  # no larger tensor: two, as ever
 
 
