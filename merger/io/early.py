@@ -24,6 +24,7 @@ from typing import Optional
 
 from merger import provenance
 from merger.errors import InputError
+from merger.io.adapter import sha256_file
 from merger.io.checkpoint import Checkpoint, drop_pages
 
 LEAD_BYTES = 1 << 30
@@ -154,7 +155,7 @@ class EarlyFiles:
     def _run(self) -> None:
         for path in self.paths:
             try:
-                self._digests[path] = _sha256_mapped(path)
+                self._digests[path] = sha256_file(path)
             except (OSError, ValueError):
                 pass  # sha256() hashes it again, on the caller's thread, and raises there
 
@@ -165,13 +166,5 @@ class EarlyFiles:
             self._thread.join()
             if path in self._digests:
                 return self._digests[path]
-        return _sha256_mapped(path)
+        return sha256_file(path)
 
-
-def _sha256_mapped(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                h.update(m)  # no copy through a read buffer; drops the GIL
-    return h.hexdigest()

@@ -119,8 +119,8 @@ def test_early_files_hash_ahead_and_fall_back_to_hashing_now(tmp_path, monkeypat
     files._thread.join(timeout=30)
     assert files._digests == {a: hashlib.sha256(b"a" * 100_000).hexdigest(), empty: hashlib.sha256(b"").hexdigest()}
     calls = []
-    real = early_mod._sha256_mapped
-    monkeypatch.setattr(early_mod, "_sha256_mapped", lambda p: calls.append(p) or real(p))
+    real = early_mod.sha256_file
+    monkeypatch.setattr(early_mod, "sha256_file", lambda p: calls.append(p) or real(p))
     assert files.sha256(a) == hashlib.sha256(b"a" * 100_000).hexdigest() and calls == []  # hashed ahead
     assert files.sha256(b) == hashlib.sha256(b"b" * 10).hexdigest() and calls == [b]  # not given: now
     with pytest.raises(FileNotFoundError):
